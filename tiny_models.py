@@ -1,0 +1,235 @@
+"""Tiny random-weight SD3 and Flux pipelines, built offline and deterministically, for tests and the demo."""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+# Latent normalisation of the real checkpoints (SPEC §2.1): kept so the tiny pipelines exercise the same code.
+VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+# Words that get whole-word tokens; anything else falls back to bytes (CLIP) or characters (T5).
+WORDS = (
+    "a an the of in on at with and by to from for is photo photograph picture painting portrait image "
+    "cat dog bird horse tree trees flower flowers forest mountain mountains lake river sea ocean beach sky "
+    "cloud clouds sun sunset sunrise night city street building house castle car boat man woman girl boy "
+    "child face eyes hair red green blue yellow orange purple white black golden gray pink brown dark light "
+    "bright small large big old young beautiful detailed high resolution quality 4k 8k ultra sharp realistic "
+    "close up view landscape nature snow winter summer autumn spring rain water field grass rock stone astronaut "
+    "space coffee cup rocket camera standing sitting under over highly intricate texture"
+).split()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizers, made without any download
+# ---------------------------------------------------------------------------------------------------------
+
+def _bytes_to_unicode():
+    """GPT-2/CLIP byte-to-printable-character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def build_clip_tokenizer():
+    """A byte-level BPE CLIP tokenizer: every byte (and its `</w>` form) plus whole-word merges for WORDS."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab[token] = len(vocab)
+    merges = []
+    for word in WORDS:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = parts[0] + parts[1]
+            if pair not in merges:
+                merges.append(pair)
+            vocab.setdefault(merged, len(vocab))
+            parts = [merged] + parts[2:]
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_MAX_LENGTH)
+
+
+def build_t5_tokenizer():
+    """A Unigram T5 tokenizer with whole-word pieces for WORDS and single-character fallbacks."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -5.0 - 0.01 * i) for i, w in enumerate(WORDS)]
+    pieces += [(c, -10.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,;:!?'\"-()/&+"]
+    return T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------
+
+def build_tiny_vae(kind="sd3", seed=0):
+    """The SD3/Flux VAE topology in miniature: 4 down/up blocks, 16 latent channels, no quant convs."""
+    scaling, shift = VAE_FACTORS[kind]
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=2,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=256,
+        scaling_factor=scaling,
+        shift_factor=shift,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip_text_encoder(tokenizer, with_projection, seed):
+    """A 2-layer CLIP text encoder sized for the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        projection_dim=32,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+
+
+def _t5_text_encoder(tokenizer, seed):
+    """A 2-layer T5 encoder; d_model 64 so that SD3's padded CLIP features (2 x 32) fit."""
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def build_tiny_sd3_pipeline(seed=0):
+    """A complete StableDiffusion3Pipeline with random weights (≈ 3 MB)."""
+    clip_tok = build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=16,
+        pos_embed_max_size=96,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=build_tiny_vae("sd3", seed + 1),
+        text_encoder=_clip_text_encoder(clip_tok, True, seed + 2),
+        tokenizer=clip_tok,
+        text_encoder_2=_clip_text_encoder(clip_tok, True, seed + 3),
+        tokenizer_2=build_clip_tokenizer(),
+        text_encoder_3=_t5_text_encoder(t5_tok, seed + 4),
+        tokenizer_3=t5_tok,
+    )
+
+
+def build_tiny_flux_pipeline(seed=0):
+    """A complete FluxPipeline (guidance embedding on, FLUX.1-dev scheduler) with random weights."""
+    clip_tok = build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=64,
+        pooled_projection_dim=32,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=build_tiny_vae("flux", seed + 1),
+        text_encoder=_clip_text_encoder(clip_tok, False, seed + 2),
+        tokenizer=clip_tok,
+        text_encoder_2=_t5_text_encoder(t5_tok, seed + 3),
+        tokenizer_2=t5_tok,
+    )
+
+
+def save_tiny_pipelines(out_dir, seed=0):
+    """Write OUT/tiny-sd3 and OUT/tiny-flux as diffusers directories; returns {"sd3": path, "flux": path}."""
+    out_dir = Path(out_dir)
+    paths = {}
+    for kind, build in (("sd3", build_tiny_sd3_pipeline), ("flux", build_tiny_flux_pipeline)):
+        path = out_dir / f"tiny-{kind}"
+        build(seed).save_pretrained(path, safe_serialization=True)
+        (path / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
+        paths[kind] = path
+    return paths
+
+
+def main(args):
+    paths = save_tiny_pipelines(args.out, args.seed)
+    for kind, path in paths.items():
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        print(f"{kind}: {path} ({size / 2**20:.1f} MB)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True, help="folder that receives tiny-sd3/ and tiny-flux/")
+    parser.add_argument("--seed", type=int, default=0)
+    main(parser.parse_args())
