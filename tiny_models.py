@@ -221,15 +221,108 @@ def save_tiny_pipelines(out_dir, seed=0):
     return paths
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Metric-model stand-ins (random weights, the file formats a user downloads) for generate_and_eval_fid.py
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_METRIC_FILES = {  # the generate_and_eval_fid.py flag each stand-in is passed to; "random-": never real weights
+    "clip_score_model": "random-clip-vit-base-patch16",
+    "aesthetic_clip": "random-open_clip-vit-l-14",
+    "aesthetic_head": "random-aesthetic-head.pth",
+    "inception_weights": "random-fid-inception.pth",
+}
+# open_clip ViT-L/14 in miniature: same QuickGELU ViT and 768-d embedding (the aesthetic head's input), small towers.
+TINY_OPEN_CLIP_CONFIG = {
+    "embed_dim": 768,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": CLIP_MAX_LENGTH, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def build_tiny_clip_score_model(seed=0):
+    """(CLIPModel, CLIPProcessor) shaped like openai/clip-vit-base-patch16 in miniature (32x32 input)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "max_position_embeddings": CLIP_MAX_LENGTH,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return CLIPModel(config).eval(), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_inception_state_dict(seed=0):
+    """A random state dict for torch-fidelity's FID Inception (full size: the key layout is fixed), He-initialised
+    so that features stay O(1); built with torchvision's InceptionV3, the same layout torch-fidelity loads."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(seed)
+    net = inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    return net.state_dict()
+
+
+def save_tiny_metric_models(out_dir, seed=0):
+    """Write random stand-ins of the four metric models to out_dir; returns {flag: path} (see TINY_METRIC_FILES).
+
+    CLIP for CLIPScore: CLIPModel + CLIPProcessor folder (save_pretrained). Aesthetics CLIP: open_clip_config.json +
+    open_clip_model.safetensors (the Hugging Face open_clip layout). The aesthetic MLP and the FID Inception:
+    torch.save'd state dicts, like sac+logos+ava1-l14-linearMSE.pth and weights-inception-2015-12-05-6726825d.pth.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    from fid_metrics import AestheticHead
+
+    out_dir = Path(out_dir)
+    paths = {flag: out_dir / name for flag, name in TINY_METRIC_FILES.items()}
+    model, processor = build_tiny_clip_score_model(seed + 1)
+    model.save_pretrained(paths["clip_score_model"])
+    processor.save_pretrained(paths["clip_score_model"])
+
+    torch.manual_seed(seed + 2)
+    clip = open_clip.CLIP(**TINY_OPEN_CLIP_CONFIG)
+    paths["aesthetic_clip"].mkdir(parents=True, exist_ok=True)
+    preprocess = {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
+                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    (paths["aesthetic_clip"] / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_OPEN_CLIP_CONFIG, "preprocess_cfg": preprocess}, indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
+              paths["aesthetic_clip"] / "open_clip_model.safetensors")
+
+    torch.manual_seed(seed + 3)
+    torch.save(AestheticHead(TINY_OPEN_CLIP_CONFIG["embed_dim"]).state_dict(), paths["aesthetic_head"])
+    torch.save(build_tiny_inception_state_dict(seed + 4), paths["inception_weights"])
+    (out_dir / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps({"kind": "metrics", "seed": seed}) + "\n")
+    return paths
+
+
 def main(args):
     paths = save_tiny_pipelines(args.out, args.seed)
     for kind, path in paths.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"{kind}: {path} ({size / 2**20:.1f} MB)")
+    if args.metrics:
+        for flag, path in save_tiny_metric_models(Path(args.out) / "tiny-metrics", args.seed).items():
+            print(f"--{flag} {path}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="folder that receives tiny-sd3/ and tiny-flux/")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--metrics", action="store_true",
+                        help="also write OUT/tiny-metrics/: random stand-ins of the FID, CLIPScore, Aesthetics models")
     main(parser.parse_args())

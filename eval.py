@@ -1,0 +1,75 @@
+"""GLCM Score and Compression Ratio of a folder of images (SPEC §6.3–6.4)."""
+
+import argparse
+import math
+import os
+import sys
+import warnings
+
+import torch
+
+# generate_and_eval_fid.py imports glcm_score and compression_ratio from here.
+from detail_metrics import GLCM_PROPS, compression_ratio, evaluate_folder, glcm_score, write_outputs  # noqa: F401
+
+
+def print_table(summary, rows, max_rows=20):
+    """The first images, then the two set-level figures."""
+    print(f"{'file':40s} {'size':>11s} {'GLCM':>9s} {'CR':>7s}")
+    for r in rows[:max_rows]:
+        size = f"{r['width']:>5d}×{r['height']:<5d}"
+        print(f"{r['file'][-40:]:40s} {size} {r['glcm']:9.4f} {r['compression_ratio']:7.2f}")
+    if len(rows) > max_rows:
+        print(f"... {len(rows) - max_rows} more in the CSV")
+    print(f"GLCM Score ({summary['prop']}): {summary['glcm_score']:.6f}  "
+          f"({summary['n_glcm_images']} images with a full {summary['patch_size']}×{summary['patch_size']} patch)")
+    print(f"Compression Ratio ({summary['cr_mode']}, q{summary['jpeg_quality']}): {summary['compression_ratio']:.4f}  "
+          f"({summary['n_images']} images, {summary['n_skipped']} skipped)")
+
+
+def main(args):
+    # Check the flags:
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line in a CLI
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("eval.py: --device cuda was given but torch sees no GPU; use --device cpu")
+    if not os.path.isdir(args.img_root):
+        sys.exit(f"eval.py: --img_root {args.img_root!r} is not a folder")
+    stem = os.path.normpath(args.img_root)
+    csv_path = args.output_csv or f"{stem}_eval.csv"
+    json_path = args.output_json or f"{stem}_eval.json"
+
+    # Measure every image:
+    try:
+        summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size,
+                                        device=args.device, workers=args.workers, cr_mode=args.cr_mode,
+                                        quality=args.jpeg_quality, recursive=args.recursive, size=args.size)
+    except ValueError as err:  # an empty folder, or nothing readable in it
+        sys.exit(f"eval.py: {err}")
+
+    # Report:
+    write_outputs(summary, rows, csv_path, json_path)
+    print_table(summary, rows)
+    if math.isnan(summary["glcm_score"]):
+        print(f"No image holds a {args.patch_size}×{args.patch_size} patch: the GLCM Score is undefined (null).")
+    print(f"Per-image CSV: {csv_path}\nSummary JSON: {json_path}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--img_root", type=str, required=True, help="Folder of images to measure.")
+    parser.add_argument("--prop", type=str, default="entropy", choices=GLCM_PROPS,
+                        help="Patch score: shannon_entropy of the GLCM (the paper) or a graycoprops feature.")
+    parser.add_argument("--patch_size", type=int, default=64, help="GLCM patch size (paper: 64).")
+    parser.add_argument("--size", type=int, default=None,
+                        help="Accepted for the authors' command line, which assumed size×size images. Every "
+                             "image is measured at its own size; given, only warns about images of another size.")
+    parser.add_argument("--recursive", action="store_true", help="Also measure images in sub-folders.")
+    parser.add_argument("--cr_mode", type=str, default="encode", choices=["encode", "file"],
+                        help="Compression Ratio denominator: an in-memory Pillow JPEG of each image (paper), or "
+                             "the size of the file on disk (the authors' code, valid for their q95 JPEGs).")
+    parser.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of --cr_mode encode (paper: 95).")
+    parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda: where the GLCMs are counted.")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="Processes reading (and, on cpu, scoring) images; default: all cores.")
+    parser.add_argument("--output_csv", type=str, default=None, help="Per-image CSV (default: <img_root>_eval.csv).")
+    parser.add_argument("--output_json", type=str, default=None, help="Summary JSON (default: <img_root>_eval.json).")
+    main(parser.parse_args())

@@ -1,0 +1,437 @@
+"""4K generation with the stock SD3 / Flux pipelines and the F=16 VAE: the core of test_sd3.py and test_flux.py.
+
+Public API (also used by generate_and_eval_fid.py; keep it stable):
+    load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, cpu_offload, vae_f8=False) -> pipeline
+    generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed, ...) -> (PIL image, timings)
+    output_stem / output_path / prompt_slug   file names that say what made the image
+    save_image(image, path, metadata, extra=None, overwrite=False); read_metadata(path)
+    DEFAULTS[model]                            the paper's inference settings per model
+    main(args) / cli(model)                    the command line shared by both scripts
+"""
+import argparse
+import hashlib
+import json
+import re
+import time
+import unicodedata
+import warnings
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from PIL import Image, PngImagePlugin
+
+from partitioned_vae import MODES, check_size, use_f16_vae
+
+PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+SCRIPTS = {"sd3": "test_sd3.py", "flux": "test_flux.py"}
+# Paper / authors' inference settings (SPEC §5). SD3's T5 length is diffusers' default; Flux-dev uses 512.
+DEFAULTS = {
+    "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0, "max_sequence_length": 256,
+            "checkpoint_path": "pretrain/stable-diffusion-3-medium-diffusers",
+            "hub_repo": "stabilityai/stable-diffusion-3-medium-diffusers", "name": "Stable Diffusion 3 medium"},
+    "flux": {"num_inference_steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512,
+             "checkpoint_path": "pretrain/FLUX.1-dev",
+             "hub_repo": "black-forest-labs/FLUX.1-dev", "name": "FLUX.1-dev"},
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OFFLOADS = ("none", "model", "sequential")
+JPEG_QUALITY = 95  # the authors save q95 JPEGs (SPEC §6.4)
+# Used when no --prompt / --prompt_file is given: scenes in the spirit of the paper's 4K showcase.
+SHOWCASE_PROMPTS = [
+    "A snow leopard resting on a lichen-covered granite ledge at dawn, every whisker and snowflake in sharp focus, "
+    "ultra-detailed 4K wildlife photograph",
+    "Aerial view of terraced rice fields after rain, mist drifting between the ridges, small farmhouses with "
+    "red roofs, golden morning light, highly detailed",
+    "Close-up portrait of an elderly fisherman with weathered skin and a knitted wool cap, soft window light, "
+    "intricate skin texture, 85mm photograph",
+    "A glass greenhouse full of tropical orchids and hanging ferns, condensation on the panes, sunbeams through "
+    "the haze, hyper-realistic, 4K",
+    "A medieval harbour town at dusk, lanterns reflected in calm water, wooden sailing ships, cobblestone streets, "
+    "rich oil painting with fine brushwork",
+    "Macro photograph of a dragonfly wing covered in morning dew, iridescent veins, shallow depth of field, "
+    "crisp detail",
+]
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+class UsageError(ValueError):
+    """A problem with the user's arguments or files; the CLIs print it without a traceback."""
+
+
+#################################################################################
+#                        Checking the request before loading                    #
+#################################################################################
+
+def where_to_get(model):
+    """How a user obtains the diffusers weights of `model` and where to put them."""
+    d = DEFAULTS[model]
+    return (f"Get the {d['name']} diffusers weights (accept the licence at https://huggingface.co/{d['hub_repo']}, "
+            f"then `hf download {d['hub_repo']} --local-dir ./{d['checkpoint_path']}`) and pass "
+            f"--checkpoint_path ./{d['checkpoint_path']}.")
+
+
+def missing_component_file(folder):
+    """The first file a diffusers component folder lacks (config, weights, shards, tokenizer), or None."""
+    if not folder.is_dir():
+        return f"folder {folder}"
+    if folder.name.startswith("scheduler"):
+        return None if (folder / "scheduler_config.json").is_file() else str(folder / "scheduler_config.json")
+    if folder.name.startswith("tokenizer"):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
+            return None
+        return f"tokenizer files in {folder} (one of {', '.join(TOKENIZER_FILES)})"
+    if not (folder / "config.json").is_file():
+        return str(folder / "config.json")
+    for index in sorted(folder.glob("*.index.json")):  # sharded weights: every shard must be there
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        return str(folder / missing[0]) + f" (listed in {index.name})" if missing else None
+    if any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("*.safetensors")):
+        return None
+    return f"weights in {folder} ({' or '.join(WEIGHT_FILES[:2])})"
+
+
+def check_checkpoint(model, checkpoint_path):
+    """Raise UsageError naming the first missing file unless checkpoint_path is a complete local `model` pipeline."""
+    root = Path(checkpoint_path)
+    if not root.is_dir():
+        raise UsageError(f"Checkpoint folder {root} does not exist. {where_to_get(model)}")
+    index = root / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"{index} is missing: {root} is not a diffusers pipeline folder. {where_to_get(model)}")
+    spec = json.loads(index.read_text())
+    expected = PIPELINES[model].__name__
+    if spec.get("_class_name") != expected:
+        other = next((m for m, p in PIPELINES.items() if p.__name__ == spec.get("_class_name")), None)
+        hint = f" Use {SCRIPTS[other]} for it." if other else ""
+        raise UsageError(f"{root} holds a {spec.get('_class_name')} checkpoint, not a {expected} one.{hint}")
+    for name, entry in spec.items():
+        if name.startswith("_") or not isinstance(entry, list) or None in entry:
+            continue  # metadata, or an optional component the checkpoint leaves out
+        missing = missing_component_file(root / name)
+        if missing:
+            raise UsageError(f"Checkpoint {root} is incomplete: missing {missing} (component '{name}'). "
+                             f"{where_to_get(model)}")
+
+
+def resolve_device(device):
+    """torch.device for `device`, falling back to the CPU with a warning when CUDA is absent."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn("CUDA is not available: running on the CPU instead. That works but is very slow "
+                      "(hours for a 4K image with the real models).", stacklevel=2)
+        return torch.device("cpu")
+    return device
+
+
+def resolve_dtype(dtype, device):
+    """torch dtype for "bf16" / "fp16" / "fp32" (or a torch.dtype), refusing what `device` cannot run well."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    if device.type == "cpu" and torch_dtype == torch.float16:
+        raise UsageError("--dtype fp16 is for GPUs: CPU half-precision kernels are slow or missing. "
+                         "On the CPU use --dtype bf16 or --dtype fp32.")
+    if device.type == "cuda" and torch_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise UsageError(f"{torch.cuda.get_device_name(device)} has no bf16 support: use --dtype fp16 or fp32.")
+    return torch_dtype
+
+
+def check_resolution(pipe, height, width):
+    """Raise UsageError when the transformer's positional embedding cannot address a height x width latent."""
+    max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
+    if not max_patches:
+        return  # Flux: rotary embeddings, no fixed table
+    max_pixels = max_patches * pipe.transformer.config.patch_size * pipe.vae_scale_factor
+    if max(height, width) > max_pixels:
+        hint = " Drop --vae_f8: the F=16 VAE halves the latent size." if pipe.vae_scale_factor == 8 else ""
+        raise UsageError(f"{height}x{width} is too large for this transformer: its positional embedding covers "
+                         f"{max_patches}x{max_patches} patches, i.e. at most {max_pixels} pixels a side with an "
+                         f"F={pipe.vae_scale_factor} VAE.{hint}")
+
+
+def read_prompts(prompt=None, prompt_file=None):
+    """The prompts to generate: --prompt, the non-blank lines of --prompt_file, or the built-in showcase list."""
+    if prompt is not None:
+        if not prompt.strip():
+            raise UsageError("--prompt is empty: give a text prompt, or leave the flag out for the showcase prompts.")
+        return [prompt.strip()]
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise UsageError(f"--prompt_file {path} does not exist.")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompt_file {path} holds no prompt: write one prompt per line.")
+        unique = list(dict.fromkeys(prompts))
+        if len(unique) < len(prompts):
+            warnings.warn(f"{path} repeats {len(prompts) - len(unique)} prompt(s): each is generated once.",
+                          stacklevel=2)
+        return unique
+    return list(SHOWCASE_PROMPTS)
+
+
+#################################################################################
+#                              Loading and generating                           #
+#################################################################################
+
+def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda",
+                  cpu_offload="none", vae_f8=False):
+    """The stock diffusers pipeline of `model` ("sd3" | "flux") from a local folder, with the F=16 VAE.
+
+    vae_mode / grid: how the F=16 decoder computes its last layer (partitioned_vae.MODES; same result).
+    dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
+    cpu_offload: "none" | "model" | "sequential" (diffusers' offload hooks; GPU only, ignored with a warning
+    on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
+    """
+    if model not in PIPELINES:
+        raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(PIPELINES)}.")
+    if cpu_offload not in OFFLOADS:
+        raise UsageError(f"Unknown --cpu_offload {cpu_offload!r}: choose one of {', '.join(OFFLOADS)}.")
+    check_checkpoint(model, checkpoint_path)
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipe = PIPELINES[model].from_pretrained(checkpoint_path, torch_dtype=torch_dtype)
+    if not vae_f8:
+        use_f16_vae(pipe, vae_mode, grid)
+    if cpu_offload != "none" and device.type == "cpu":
+        warnings.warn(f"--cpu_offload {cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
+        cpu_offload = "none"
+    if cpu_offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif cpu_offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+def generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed=0, max_sequence_length=None,
+             negative_prompt=""):
+    """One image from a CPU generator seeded with `seed`; returns (PIL image, timings).
+
+    timings: text_encode_s (until the first transformer call), step_s (one entry per denoising step),
+    s_per_step, decode_s (VAE decode + post-processing), total_s, peak_gpu_gb / peak_gpu_reserved_gb
+    (torch's allocated / reserved peaks; None on the CPU).
+    negative_prompt is used by SD3 only (Flux-dev has no classifier-free guidance).
+    """
+    cuda = pipe._execution_device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    marks = []  # start of the first transformer call, then the end of every step
+
+    def on_first_transformer_call(module, inputs):
+        if not marks:
+            sync()
+            marks.append(time.perf_counter())
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        sync()
+        marks.append(time.perf_counter())
+        return {}
+
+    kwargs = {"prompt": prompt, "height": height, "width": width, "num_inference_steps": num_inference_steps,
+              "guidance_scale": guidance_scale, "generator": torch.Generator("cpu").manual_seed(seed),
+              "callback_on_step_end": on_step_end}
+    if max_sequence_length:
+        kwargs["max_sequence_length"] = max_sequence_length
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        kwargs["negative_prompt"] = negative_prompt
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    hook = pipe.transformer.register_forward_pre_hook(on_first_transformer_call)
+    start = time.perf_counter()
+    try:
+        image = pipe(**kwargs).images[0]
+    finally:
+        hook.remove()
+    sync()
+    end = time.perf_counter()
+    steps = [b - a for a, b in zip(marks, marks[1:])]
+    return image, {
+        "text_encode_s": marks[0] - start,
+        "step_s": steps,
+        "s_per_step": sum(steps) / len(steps),
+        "decode_s": end - marks[-1],
+        "total_s": end - start,
+        "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
+        "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
+    }
+
+
+#################################################################################
+#                           Naming and saving the output                        #
+#################################################################################
+
+def prompt_slug(prompt, max_chars=48):
+    """A file-name-safe start of the prompt: lowercase words joined by hyphens."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode().lower()  # "é" -> "e"
+    slug = "-".join(re.findall(r"[a-z0-9]+", ascii_text))[:max_chars].rstrip("-")
+    return slug or "prompt"
+
+
+def output_stem(model, prompt, height, width, guidance_scale, seed, vae_f8=False):
+    """File name without extension that says what made the image, e.g.
+    `sd3_a-snow-leopard-resting-on-a-lichen-covered-gran-1a2b3c4d_h4096-w3072_g7_seed0`.
+
+    The 8 hex digits hash the whole prompt, so prompts that share their first words get different names.
+    """
+    digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
+    vae = "-f8" if vae_f8 else ""
+    return f"{model}{vae}_{prompt_slug(prompt)}-{digest}_h{height}-w{width}_g{guidance_scale:g}_seed{seed}"
+
+
+def output_path(save_path, model, prompt, height, width, guidance_scale, seed, save_format="png", vae_f8=False):
+    """SAVE_PATH/<output_stem>.<png|jpg>."""
+    stem = output_stem(model, prompt, height, width, guidance_scale, seed, vae_f8)
+    return Path(save_path) / f"{stem}.{save_format}"
+
+
+def sidecar_path(path):
+    """The JSON file written next to an image: same name, .json extension."""
+    return Path(path).with_suffix(".json")
+
+
+def save_image(image, path, metadata, extra=None, overwrite=False):
+    """Write a PIL image to `path` (.png or .jpg) with `metadata` embedded, plus the JSON sidecar.
+
+    PNG: tEXt chunks "prompt" and "settings" (JSON). JPEG (quality 95): the JSON in the COM segment and the
+    prompt as EXIF ImageDescription. The sidecar holds `metadata` and `extra` (e.g. timings, which would
+    make the image bytes change from run to run). Raises FileExistsError unless `overwrite`.
+    """
+    path = Path(path)
+    for target in (path, sidecar_path(path)):
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists: pass --overwrite to replace it, or choose another --save_path.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = json.dumps(metadata, ensure_ascii=False)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("prompt", str(metadata.get("prompt", "")))
+        info.add_text("settings", settings)
+        image.save(path, pnginfo=info)
+    elif suffix in (".jpg", ".jpeg"):
+        exif = Image.Exif()
+        exif[0x010E] = str(metadata.get("prompt", ""))  # ImageDescription
+        exif[0x0131] = "Diffusion-4K generation.py"  # Software
+        image.convert("RGB").save(path, quality=JPEG_QUALITY, exif=exif, comment=settings.encode("utf-8"))
+    else:
+        raise UsageError(f"Cannot save {path}: use a .png or .jpg file name.")
+    sidecar = {"image": path.name, **metadata, **(extra or {})}
+    sidecar_path(path).write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_metadata(path):
+    """The settings dict embedded in an image written by `save_image` (PNG tEXt or JPEG COM)."""
+    with Image.open(path) as image:
+        text = image.info.get("settings") or image.info.get("comment")
+    if text is None:
+        raise ValueError(f"{path} carries no generation settings.")
+    return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+
+
+#################################################################################
+#                                 Command line                                  #
+#################################################################################
+
+def main(args):
+    """Generate one image per prompt and seed (seed, seed+1, ...); returns the saved image paths."""
+    # Check the request before loading anything:
+    if args.num_images < 1 or args.num_inference_steps < 1:
+        raise UsageError("--num_images and --num_inference_steps must be at least 1.")
+    try:
+        check_size(args.height, args.width)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    check_checkpoint(args.model, args.checkpoint_path)
+    seeds = [args.seed + i for i in range(args.num_images)]
+    jobs = [(prompt, seed, output_path(args.save_path, args.model, prompt, args.height, args.width,
+                                       args.guidance_scale, seed, args.save_format, args.vae_f8))
+            for prompt in prompts for seed in seeds]
+    existing = [p for _, _, path in jobs for p in (path, sidecar_path(path)) if p.exists()]
+    if existing and not args.overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise UsageError(f"{existing[0]}{more} already exist(s): pass --overwrite to replace, "
+                         f"or choose another --save_path.")
+
+    # Load the pipeline:
+    pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
+                         args.cpu_offload, args.vae_f8)
+    check_resolution(pipe, args.height, args.width)
+    settings = {
+        "model": args.model, "checkpoint_path": str(args.checkpoint_path),
+        "height": args.height, "width": args.width, "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
+        "vae": "F8 (stock)" if args.vae_f8 else "F16", "vae_mode": None if args.vae_f8 else args.vae_mode,
+        "grid": None if args.vae_f8 else args.grid, "scheduler": type(pipe.scheduler).__name__,
+        "dtype": args.dtype, "device": str(pipe._execution_device), "cpu_offload": args.cpu_offload,
+        "generator": "torch.Generator('cpu').manual_seed(seed)",
+        "diffusers": diffusers.__version__, "torch": torch.__version__,
+    }
+
+    # Generate:
+    saved, step_times = [], []
+    for prompt, seed, path in jobs:
+        negative = getattr(args, "negative_prompt", None)
+        image, timings = generate(pipe, prompt, args.height, args.width, args.num_inference_steps,
+                                  args.guidance_scale, seed, args.max_sequence_length, negative or "")
+        metadata = {"prompt": prompt, **({"negative_prompt": negative} if negative is not None else {}),
+                    "seed": seed, **settings}
+        saved.append(save_image(image, path, metadata, extra={"timings": timings}, overwrite=args.overwrite))
+        step_times += timings["step_s"]
+        memory = f", peak GPU memory {timings['peak_gpu_gb']:.1f} GB" if timings["peak_gpu_gb"] is not None else ""
+        print(f"saved {path} ({len(timings['step_s'])} steps, {timings['s_per_step']:.3f} s/step, "
+              f"VAE decode {timings['decode_s']:.2f} s, total {timings['total_s']:.1f} s{memory})", flush=True)
+    print(f"{len(saved)} image(s) in {args.save_path}: {sum(step_times) / len(step_times):.3f} s per denoising step "
+          f"on average")
+    return saved
+
+
+def build_parser(model):
+    """Argument parser of test_sd3.py / test_flux.py; the defaults are the paper's settings for `model`."""
+    d = DEFAULTS[model]
+    parser = argparse.ArgumentParser(
+        prog=SCRIPTS[model],
+        description=f"Generate 4K images with {d['name']} and the F=16 partitioned VAE (Diffusion-4K).")
+    parser.set_defaults(model=model)
+    parser.add_argument("--checkpoint_path", default=d["checkpoint_path"],
+                        help=f"local diffusers folder of {d['hub_repo']} (or a fine-tuned copy)")
+    prompt = parser.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default=None, help="text prompt (default: built-in showcase prompts)")
+    prompt.add_argument("--prompt_file", default=None, help="text file, one prompt per line")
+    if model == "sd3":
+        parser.add_argument("--negative_prompt", default="")  # SPEC §5: empty negative prompt
+    parser.add_argument("--height", type=int, default=4096)
+    parser.add_argument("--width", type=int, default=3072)  # the authors recommend 4096x3072 / 3072x4096
+    parser.add_argument("--guidance_scale", type=float, default=d["guidance_scale"])  # SPEC §5
+    parser.add_argument("--num_inference_steps", type=int, default=d["num_inference_steps"])  # SPEC §5
+    parser.add_argument("--max_sequence_length", type=int, default=d["max_sequence_length"], help="T5 tokens")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num_images", type=int, default=1, help="images per prompt, with seeds seed, seed+1, ...")
+    parser.add_argument("--save_path", default="outputs")
+    parser.add_argument("--save_format", choices=("png", "jpg"), default="png")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing images (otherwise refuse)")
+    parser.add_argument("--vae_mode", choices=MODES, default="partitioned",
+                        help="how the F=16 decoder's last layer runs (same image)")
+    parser.add_argument("--grid", type=int, default=2, help="partitions per side for --vae_mode partitioned")
+    parser.add_argument("--vae_f8", action="store_true", help="use the stock F=8 VAE (baseline)")
+    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--device", default="cuda")
+    return parser
+
+
+def cli(model, argv=None):
+    """Entry point of test_sd3.py / test_flux.py: parse, generate, report user errors without a traceback."""
+    parser = build_parser(model)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except UsageError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -1,0 +1,268 @@
+"""The generation CLIs (test_sd3.py, test_flux.py), their core generation.py, and bench/flops.py."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.flops import flux_transformer_flops, sd3_transformer_flops
+from generation import (DEFAULTS, UsageError, build_parser, check_resolution, cli, load_pipeline, main, output_stem,
+                        read_metadata, read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
+
+PROMPT = "a photo of a red castle under clouds, highly detailed"
+KINDS = ["sd3", "flux"]
+
+
+def run(kind, ckpt, out, *flags):
+    """main() of test_<kind>.py with the tiny checkpoint, 2 steps, fp32 on the CPU; returns the saved paths."""
+    argv = ["--checkpoint_path", str(ckpt), "--prompt", PROMPT, "--num_inference_steps", "2", "--device", "cpu",
+            "--dtype", "fp32", "--save_path", str(out), *flags]
+    return main(build_parser(kind).parse_args(argv))
+
+
+def pixels(path):
+    """The image at `path` as an int array (H, W, 3)."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generating
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_sizes_seeds_settings_and_overwrite(tiny_ckpts, tmp_path, kind):
+    wide = run(kind, tiny_ckpts[kind], tmp_path, "--height", "384", "--width", "512", "--num_images", "2")
+    assert Image.open(wide[0]).size == (512, 384)  # (width, height); the 384x512 case runs as a script below
+    first = pixels(wide[0])
+    assert np.abs(first - pixels(wide[1])).mean() > 1, "seeds 0 and 1 gave the same image"
+
+    # The same seed again: refused without --overwrite (nothing touched), identical pixels with it.
+    before = wide[0].read_bytes()
+    with pytest.raises(UsageError, match="--overwrite"):
+        run(kind, tiny_ckpts[kind], tmp_path, "--height", "384", "--width", "512")
+    assert wide[0].read_bytes() == before
+    again = run(kind, tiny_ckpts[kind], tmp_path, "--height", "384", "--width", "512", "--overwrite")
+    assert again == wide[:1]
+    np.testing.assert_array_equal(pixels(again[0]), first)
+
+    # Every setting is in the sidecar, and the same settings are embedded in the image.
+    sidecar = json.loads(sidecar_path(wide[1]).read_text())
+    expected = {"model": kind, "prompt": PROMPT, "seed": 1, "height": 384, "width": 512, "num_inference_steps": 2,
+                "guidance_scale": DEFAULTS[kind]["guidance_scale"], "vae": "F16", "vae_mode": "partitioned",
+                "dtype": "fp32", "max_sequence_length": DEFAULTS[kind]["max_sequence_length"]}
+    assert expected.items() <= sidecar.items()
+    assert len(sidecar["timings"]["step_s"]) == 2
+    assert read_metadata(wide[1]) == {k: v for k, v in sidecar.items() if k not in ("image", "timings")}
+    name = wide[1].name
+    assert name.startswith(f"{kind}_a-photo-of-a-red-castle") and name.endswith(".png")
+    assert f"h384-w512_g{DEFAULTS[kind]['guidance_scale']:g}_seed1" in name
+
+
+def test_vae_modes_give_the_same_image(tiny_ckpts, tmp_path):
+    images = {}
+    for mode in ("partitioned", "subpixel", "full"):
+        (path,) = run("sd3", tiny_ckpts["sd3"], tmp_path / mode, "--height", "256", "--width", "320",
+                      "--vae_mode", mode, "--grid", "3")
+        assert read_metadata(path)["vae_mode"] == mode
+        images[mode] = pixels(path)
+    assert np.abs(images["partitioned"] - images["full"]).max() <= 1
+    assert np.abs(images["subpixel"] - images["full"]).max() <= 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pipeline_gets_the_f16_vae_unless_vae_f8(tiny_ckpts, kind):
+    f16 = load_pipeline(kind, tiny_ckpts[kind], dtype="fp32", device="cpu")
+    f8 = load_pipeline(kind, tiny_ckpts[kind], dtype="fp32", device="cpu", vae_f8=True)
+    assert (f16.vae_scale_factor, f8.vae_scale_factor) == (16, 8)
+    packing = 2 if kind == "flux" else 1  # Flux packs 2x2 latents: its image processor works in steps of 32
+    assert f16.image_processor.config.vae_scale_factor == 16 * packing
+    assert f16.vae.encoder.conv_in.stride == (2, 2) and f8.vae.encoder.conv_in.stride == (1, 1)
+    if kind == "sd3":  # tiny SD3: 96x96 positional patches = 1536 px with F=8, 3072 px with F=16
+        check_resolution(f16, 3072, 2048)
+        with pytest.raises(UsageError, match="Drop --vae_f8"):
+            check_resolution(f8, 2048, 1536)
+
+
+def test_both_clis_run_as_scripts(tiny_ckpts, tmp_path, repo_root):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = {}
+    for kind in KINDS:
+        cmd = [sys.executable, f"test_{kind}.py", "--checkpoint_path", str(tiny_ckpts[kind]), "--prompt", PROMPT,
+               "--height", "512", "--width", "384", "--num_inference_steps", "2", "--device", "cpu",
+               "--save_path", str(tmp_path / kind), "--save_format", "jpg"]
+        procs[kind] = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    for kind, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        assert "s/step" in out and "| 2/2 [" in err  # timings, and diffusers' progress bar over the 2 steps
+        (image,) = (tmp_path / kind).glob("*.jpg")
+        assert Image.open(image).size == (384, 512)
+        assert read_metadata(image)["dtype"] == "bf16" and json.loads(sidecar_path(image).read_text())["model"] == kind
+
+
+# ---------------------------------------------------------------------------------------------------------
+# User errors
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_size_not_a_multiple_of_32_names_the_nearest_sizes(tiny_ckpts, tmp_path, kind, capsys):
+    with pytest.raises(UsageError, match="480 or 512"):
+        run(kind, tiny_ckpts[kind], tmp_path, "--height", "500")
+    with pytest.raises(SystemExit) as exit_info:  # the CLI: one line on stderr, exit status 2, no traceback
+        cli(kind, ["--checkpoint_path", str(tiny_ckpts[kind]), "--width", "500", "--save_path", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "width 500" in err and "480 or 512" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def _remove(relative):
+    """A breakage: delete one file or folder of the checkpoint."""
+    def breakage(root):
+        target = root / relative
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    return breakage
+
+
+def _missing_shard(root):
+    """A breakage: the transformer's weights become a sharded index whose shard is absent."""
+    folder = root / "transformer"
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    index = {"weight_map": {"proj_out.weight": "diffusion_pytorch_model-00001-of-00002.safetensors"}}
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("breakage, named", [
+    (_remove("text_encoder_3/model.safetensors"), "text_encoder_3"),
+    (_remove("tokenizer_2"), "tokenizer_2"),
+    (_remove("vae/config.json"), "vae/config.json"),
+    (_remove("scheduler/scheduler_config.json"), "scheduler_config.json"),
+    (_remove("model_index.json"), "model_index.json"),
+    (_missing_shard, "diffusion_pytorch_model-00001-of-00002.safetensors"),
+])
+def test_incomplete_checkpoint_names_the_missing_file(tiny_ckpts, tmp_path, breakage, named):
+    root = tmp_path / "sd3"
+    shutil.copytree(tiny_ckpts["sd3"], root)
+    breakage(root)
+    with pytest.raises(UsageError, match="stable-diffusion-3-medium-diffusers") as error:
+        load_pipeline("sd3", root, dtype="fp32", device="cpu")
+    assert named in str(error.value)
+
+
+def test_wrong_or_absent_checkpoint_says_what_to_do(tiny_ckpts, tmp_path):
+    with pytest.raises(UsageError, match="does not exist.*hf download black-forest-labs/FLUX.1-dev"):
+        run("flux", tmp_path / "nowhere", tmp_path)
+    with pytest.raises(UsageError, match="StableDiffusion3Pipeline checkpoint.*Use test_sd3.py"):
+        run("flux", tiny_ckpts["sd3"], tmp_path)
+
+
+def test_prompt_and_dtype_errors(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n   \n")
+    with pytest.raises(UsageError, match="holds no prompt"):
+        read_prompts(prompt_file=blank)
+    with pytest.raises(UsageError, match="--prompt is empty"):
+        read_prompts(prompt="  ")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n\n a dog \n")
+    assert read_prompts(prompt_file=prompts) == ["a cat", "a dog"]
+    assert len(read_prompts()) >= 3  # the built-in showcase prompts
+    with pytest.raises(UsageError, match="bf16 or --dtype fp32"):
+        resolve_dtype("fp16", torch.device("cpu"))
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when CUDA is absent")
+def test_cuda_request_falls_back_to_cpu_with_a_warning():
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        assert resolve_device("cuda").type == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Names and metadata
+# ---------------------------------------------------------------------------------------------------------
+
+def test_names_say_what_made_the_image_and_never_collide():
+    a = output_stem("flux", "Crème brûlée on a plate, " + "x" * 60 + " morning", 4096, 3072, 5.0, 7)
+    b = output_stem("flux", "Crème brûlée on a plate, " + "x" * 60 + " evening", 4096, 3072, 5.0, 7)
+    assert a.startswith("flux_creme-brulee-on-a-plate") and a.endswith("_h4096-w3072_g5_seed7")
+    assert a != b and all(c.isalnum() or c in "-_." for c in a)
+    assert output_stem("sd3", "x", 1024, 1024, 7.0, 0, vae_f8=True).startswith("sd3-f8_")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_save_image_embeds_metadata_and_refuses_to_overwrite(tmp_path, suffix):
+    path = tmp_path / f"image{suffix}"
+    metadata = {"prompt": "ein Bild über Wolken", "seed": 3, "guidance_scale": 7.0}
+    save_image(Image.new("RGB", (64, 32), (200, 10, 10)), path, metadata, extra={"timings": {"total_s": 1.0}})
+    with Image.open(path) as image:
+        raw = image.text["settings"] if suffix == ".png" else image.info["comment"].decode("utf-8")
+        assert image.size == (64, 32)
+    assert json.loads(raw) == metadata == read_metadata(path)
+    assert json.loads(sidecar_path(path).read_text()) == {"image": path.name, **metadata, "timings": {"total_s": 1.0}}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        save_image(Image.new("RGB", (8, 8)), path, metadata)
+    save_image(Image.new("RGB", (8, 8)), path, metadata, overwrite=True)
+    assert Image.open(path).size == (8, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Analytic FLOPs against torch's FLOP counter
+# ---------------------------------------------------------------------------------------------------------
+
+def counted_flops(model, **inputs):
+    """FLOPs of one forward as torch.utils.flop_counter counts them."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs, return_dict=False)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("dual_attention_layers", [(), (0,)])
+def test_sd3_flops_match_torch_flop_counter(dual_attention_layers):
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=3, attention_head_dim=8,
+                                  num_attention_heads=4, joint_attention_dim=48, caption_projection_dim=32,
+                                  pooled_projection_dim=40, out_channels=16, pos_embed_max_size=32,
+                                  dual_attention_layers=dual_attention_layers)
+    batch, height, width, text = 2, 16, 12, 7
+    counted = counted_flops(model, hidden_states=torch.randn(batch, 16, height, width),
+                            timestep=torch.full((batch,), 500.0), encoder_hidden_states=torch.randn(batch, text, 48),
+                            pooled_projections=torch.randn(batch, 40))
+    analytic = sd3_transformer_flops(model.config, (height // 2) * (width // 2), text, batch=batch)
+    assert analytic == pytest.approx(counted, rel=0.01)
+
+
+@pytest.mark.parametrize("guidance_embeds", [True, False])
+def test_flux_flops_match_torch_flop_counter(guidance_embeds):
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=3,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                   pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6))
+    batch, image, text = 2, 48, 9
+    inputs = dict(hidden_states=torch.randn(batch, image, 64), encoder_hidden_states=torch.randn(batch, text, 48),
+                  pooled_projections=torch.randn(batch, 32), timestep=torch.full((batch,), 0.5),
+                  img_ids=torch.zeros(image, 3), txt_ids=torch.zeros(text, 3))
+    if guidance_embeds:
+        inputs["guidance"] = torch.full((batch,), 3.5)
+    analytic = flux_transformer_flops(model.config, image, text, batch=batch)
+    assert analytic == pytest.approx(counted_flops(model, **inputs), rel=0.01)
+
+
+@pytest.mark.slow
+def test_bench_smoke_prints_every_field(repo_root):
+    result = subprocess.run([sys.executable, "bench/bench_generation.py", "--smoke"], cwd=repo_root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    steps = [r for r in records if r["bench"] == "generation"]
+    assert {r["model"] for r in steps} == {"sd3", "flux"}
+    assert all(r["s_per_step"] > 0 and r["step_tflop"] > 0 for r in steps)
