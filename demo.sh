@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Diffusion-4K in miniature: set up, build tiny checkpoints, generate. Output: ${DEMO_OUT:-demo_out}/
+# Diffusion-4K in miniature (CPU, no weights, no network but the package registry): sets up .venv if needed,
+# then demo.py builds tiny checkpoints, fine-tunes with WLF under DeepSpeed ZeRO-2, generates through the F=16 VAE,
+# evaluates, and writes demo_out/summary.png. Running it again resumes. Extra arguments go to demo.py.
 set -euo pipefail
 cd "$(dirname "$0")"
-OUT="${DEMO_OUT:-demo_out}"
 PY=.venv/bin/python
-if ! [ -x "$PY" ] || ! "$PY" -c "import diffusers, deepspeed, torchmetrics, open_clip" 2>/dev/null; then
+if ! [ -x "$PY" ] || ! "$PY" -c "import diffusers, deepspeed, torchmetrics, open_clip, pywt, skimage" 2>/dev/null; then
   python3 -m venv .venv
   .venv/bin/pip install -q -r requirements.txt
 fi
 export HF_HUB_OFFLINE=1
-mkdir -p "$OUT"
-[ -f "$OUT/ckpt/tiny-sd3/model_index.json" ] || "$PY" tiny_models.py --out "$OUT/ckpt"
+exec "$PY" demo.py "$@"

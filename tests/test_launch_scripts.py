@@ -1,0 +1,49 @@
+"""train_sd3.sh / train_flux.sh hand accelerate the authors' settings, with a global batch of 32."""
+import os
+import stat
+import subprocess
+
+import pytest
+
+
+def _launch(repo_root, tmp_path, script, **env):
+    """Run a launch script with an `accelerate` on PATH that records its arguments instead of training."""
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    out = tmp_path / "args.txt"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env}
+    result = subprocess.run(["bash", str(repo_root / script), "--report_to", "none"], env=env,
+                            capture_output=True, text=True)
+    return result, (out.read_text().splitlines() if out.exists() else [])
+
+
+def _flag(args, name):
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len", [
+    ("train_sd3.sh", "8", "2", "2", "77"),
+    ("train_flux.sh", "4", "8", "1", "512"),
+])
+def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, per_device, processes, accumulation,
+                                                 seq_len):
+    result, args = _launch(repo_root, tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    assert args[args.index("--config_file") + 1].endswith("ds_config.yaml")
+    assert _flag(args, "--num_processes") == processes
+    assert _flag(args, "--train_batch_size") == per_device
+    assert _flag(args, "--gradient_accumulation_steps") == accumulation
+    assert int(per_device) * int(processes) * int(accumulation) == 32
+    assert (_flag(args, "--resolution"), _flag(args, "--learning_rate"), _flag(args, "--max_train_steps"),
+            _flag(args, "--checkpointing_steps")) == ("4096", "1e-6", "20000", "5000")
+    assert _flag(args, "--max_sequence_length") == seq_len
+    assert ("--guidance_scale" in args) == (script == "train_flux.sh")
+    assert args[-2:] == ["--report_to", "none"]
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(repo_root, tmp_path):
+    result, args = _launch(repo_root, tmp_path, "train_sd3.sh", NUM_PROCESSES="3")
+    assert result.returncode != 0 and not args
+    assert "global batch of 32" in result.stderr

@@ -1,0 +1,294 @@
+"""train_sd3.py / train_flux.py and their shared core: DeepSpeed ZeRO-2 runs, exact resume, WLF == MSE with equal
+band weights, the embedding cache, bad data, a non-finite loss and a failed checkpoint write (tiny models, CPU)."""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from PIL import Image
+from safetensors.torch import load_file
+from skimage import data as skdata
+from torchvision import transforms
+
+import train_flux
+import train_sd3
+import training
+from generation import load_pipeline
+from partitioned_vae import load_f16_vae
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINERS = {"sd3": train_sd3, "flux": train_flux}
+PHOTOS = {  # skimage photo -> caption (words the tiny tokenizers know)
+    "astronaut": "a photo of an astronaut in space",
+    "coffee": "a cup of coffee on the table",
+    "chelsea": "a photo of a cat",
+    "rocket": "a rocket under the blue sky",
+}
+TRANSFORMER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+
+
+def make_dataset(folder, photos=PHOTOS, extra_lines=()):
+    """An imagefolder of skimage photos with metadata.jsonl, plus any raw `extra_lines`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name, caption in photos.items():
+        Image.fromarray(getattr(skdata, name)()).save(folder / f"{name}.png")
+        lines.append(json.dumps({"file_name": f"{name}.png", "text": caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines + list(extra_lines)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One text-embedding cache shared by the in-process runs (keys separate the models)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
+    """One in-process run (plain accelerate, fp32, CPU) at 128x128; returns its train_summary.json."""
+    args = ["--pretrained_model_name_or_path", str(checkpoint), "--instance_data_dir", str(data_dir),
+            "--output_dir", str(output_dir), "--resolution", "128", "--train_batch_size", "2",
+            "--max_sequence_length", "32", "--mixed_precision", "no", "--report_to", "none", "--max_train_steps", "2",
+            "--checkpointing_steps", "1000", *flags]
+    if cache:
+        args += ["--data_cache_dir", str(cache)]
+    TRAINERS[kind].main(TRAINERS[kind].parse_args(args))
+    return json.loads((Path(output_dir) / "train_summary.json").read_text())
+
+
+def launch_deepspeed(script, *flags):
+    """`accelerate launch --config_file ds_config.yaml` on one CPU process without mixed precision (SPEC §8)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "ds_config.yaml"),
+           "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", "0", str(ROOT / script), *flags]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+def transformer_difference(dir_a, dir_b):
+    """Largest absolute difference between two saved transformers."""
+    a, b = load_file(Path(dir_a) / TRANSFORMER_WEIGHTS), load_file(Path(dir_b) / TRANSFORMER_WEIGHTS)
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+#################################################################################
+#                       DeepSpeed ZeRO-2, optimizer on the CPU                  #
+#################################################################################
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tiny_ckpts, dataset, tmp_path_factory):
+    """Three WLF steps at 256x256 under DeepSpeed for each trainer, checkpointing at step 2."""
+    runs = {}
+    for kind in ("sd3", "flux"):
+        out = tmp_path_factory.mktemp(f"ds-{kind}")
+        launch_deepspeed(f"train_{kind}.py", "--pretrained_model_name_or_path", str(tiny_ckpts[kind]),
+                         "--instance_data_dir", str(dataset), "--output_dir", str(out), "--resolution", "256",
+                         "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                         "--max_sequence_length", "32", "--loss", "wlf", "--report_to", "none")
+        runs[kind] = out
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_deepspeed_zero2_with_cpu_optimizer_trains_and_writes_a_loadable_pipeline(deepspeed_runs, tiny_ckpts, kind):
+    out = deepspeed_runs[kind]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 3
+    assert summary["engine"] == {"distributed_type": "DEEPSPEED", "processes": 1, "mixed_precision": "no",
+                                 "optimizer": "DeepSpeedCPUAdam", "zero_stage": 2, "offload_optimizer": "cpu"}
+    assert len(summary["losses"]) == 3 and np.isfinite(summary["losses"]).all()
+    assert (out / "checkpoint-2/pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # ZeRO shards
+    assert 0 < transformer_difference(out, tiny_ckpts[kind]) < 1e-3  # lr 1e-6: trained, but barely moved
+    pipe = load_pipeline(kind, out, dtype="fp32", device="cpu")  # what test_sd3.py / test_flux.py load
+    assert pipe.vae_scale_factor == 16
+    image = pipe("a photo of a cat", height=256, width=256, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(0)).images
+    assert image.shape == (1, 256, 256, 3) and np.isfinite(image).all()
+
+
+def test_deepspeed_resume_continues_from_the_saved_step(deepspeed_runs, tiny_ckpts, dataset, tmp_path):
+    first = deepspeed_runs["sd3"]
+    out = tmp_path / "resumed"
+    out.mkdir()
+    shutil.copytree(first / "checkpoint-2", out / "checkpoint-2")
+    shutil.copy(first / "losses.csv", out / "losses.csv")
+    launch_deepspeed("train_sd3.py", "--pretrained_model_name_or_path", str(tiny_ckpts["sd3"]),
+                     "--instance_data_dir", str(dataset), "--output_dir", str(out), "--resolution", "256",
+                     "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
+                     "--max_sequence_length", "32", "--report_to", "none", "--data_cache_dir", str(first / "cache"),
+                     "--resume_from_checkpoint", "latest")
+    resumed = json.loads((out / "train_summary.json").read_text())
+    straight = json.loads((first / "train_summary.json").read_text())
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 3
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)  # step 3 recomputed, same loss
+    assert transformer_difference(out, first) < 1e-6
+
+
+#################################################################################
+#                 Resume, WLF vs MSE, embedding cache (plain accelerate)         #
+#################################################################################
+
+@pytest.mark.parametrize("kind, accumulation", [("sd3", "2"), ("flux", "1")])
+def test_two_steps_resume_two_steps_equals_four_steps(tiny_ckpts, dataset, cache_dir, tmp_path, kind, accumulation):
+    flags = ("--gradient_accumulation_steps", accumulation)
+    straight = train(kind, tiny_ckpts[kind], dataset, tmp_path / "straight", *flags, "--max_train_steps", "4",
+                     "--validation_prompt", "a photo of a cat", "--validation_steps", "4", cache=cache_dir)
+    train(kind, tiny_ckpts[kind], dataset, tmp_path / "split", *flags, "--max_train_steps", "2",
+          "--checkpointing_steps", "2", cache=cache_dir)
+    resumed = train(kind, tiny_ckpts[kind], dataset, tmp_path / "split", *flags, "--max_train_steps", "4",
+                    "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest", cache=cache_dir)
+    assert resumed["resumed_from_step"] == 2 and len(resumed["losses"]) == 4
+    np.testing.assert_allclose(resumed["losses"], straight["losses"], rtol=1e-6)
+    assert transformer_difference(tmp_path / "split", tmp_path / "straight") < 1e-7
+    assert transformer_difference(tmp_path / "straight", tiny_ckpts[kind]) > 0
+    with Image.open(tmp_path / "straight/validation/step-000004-0.png") as image:  # stock pipeline, cached prompt
+        assert image.size == (128, 128)
+
+
+def test_equal_band_weights_give_the_mse_losses_and_1222_does_not(tiny_ckpts, dataset, cache_dir, tmp_path):
+    ckpt = tiny_ckpts["sd3"]
+    mse = train("sd3", ckpt, dataset, tmp_path / "mse", "--loss", "mse", cache=cache_dir)["losses"]
+    wlf = train("sd3", ckpt, dataset, tmp_path / "wlf", "--loss", "wlf", "--wavelet_levels", "2",
+                cache=cache_dir)["losses"]
+    weighted = train("sd3", ckpt, dataset, tmp_path / "w1222", "--loss", "wlf", "--wavelet_band_weights", "1,2,2,2",
+                     cache=cache_dir)["losses"]
+    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # SPEC §3.4: orthonormal Haar, equal weights -> same objective
+    # Same first batch and noise: detail bands counted twice, so MSE < L(1,2,2,2) < 2 MSE.
+    assert 1.01 * mse[0] < weighted[0] < 2 * mse[0]
+
+
+def test_second_run_reads_cached_embeddings_and_latents_without_the_text_encoders(tiny_ckpts, dataset, tmp_path):
+    ckpt = tmp_path / "tiny-sd3"
+    shutil.copytree(tiny_ckpts["sd3"], ckpt)
+    flags = ("--max_train_steps", "1", "--cache_latents")
+    first = train("sd3", ckpt, dataset, tmp_path / "first", *flags, cache=tmp_path / "cache")
+    assert first["text_encoders_loaded"] and first["captions_embedded"] == len(PHOTOS)
+    assert len(list((tmp_path / "cache/embeddings").glob("*.safetensors"))) == len(PHOTOS)
+    latents = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache/latents").glob("*.safetensors")}
+    assert len(latents) == len(PHOTOS)
+    for weights in ckpt.glob("text_encoder*/model.safetensors"):  # the encoders can no longer be loaded at all
+        weights.unlink()
+    second = train("sd3", ckpt, dataset, tmp_path / "second", *flags, cache=tmp_path / "cache")
+    assert not second["text_encoders_loaded"] and second["captions_embedded"] == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache/latents").glob("*.safetensors")} == latents
+    assert second["losses"] == first["losses"]
+
+
+def test_cache_keys_separate_encoders_lengths_and_dtypes(tiny_ckpts):
+    sd3, flux = (training.text_encoder_identity(tiny_ckpts[k]) for k in ("sd3", "flux"))
+    keys = [training.embedding_files(["a cat"], "c", identity, length, dtype)["a cat"]
+            for identity, length, dtype in ((sd3, 77, torch.float32), (flux, 77, torch.float32),
+                                            (sd3, 256, torch.float32), (sd3, 77, torch.bfloat16))]
+    assert len(set(keys)) == 4
+    assert keys[0] == training.embedding_files(["a cat"], "c", sd3, 77, torch.float32)["a cat"]
+
+
+def test_cached_latents_are_the_vae_encoding_of_the_centre_crop_and_its_mirror(tiny_ckpts, tmp_path):
+    data_dir = make_dataset(tmp_path / "data", {"coffee": "a cup of coffee"})
+    vae = load_f16_vae(tiny_ckpts["sd3"])
+    records = [{"file_name": "coffee.png"}]
+    files = training.latent_files(records, data_dir, tmp_path / "cache", "vae", 128, torch.float32)
+    assert training.cache_latents(vae, records, data_dir, files, 128) == []
+    cached = load_file(files["coffee.png"])
+    reference = transforms.Compose([transforms.Resize(128, interpolation=transforms.InterpolationMode.BILINEAR),
+                                    transforms.CenterCrop(128), transforms.ToTensor(),
+                                    transforms.Normalize([0.5], [0.5])])
+    pixels = reference(Image.open(data_dir / "coffee.png").convert("RGB"))[None]
+    with torch.no_grad():
+        expected = vae.encode(torch.cat([pixels, pixels.flip(-1)])).latent_dist.parameters
+    assert cached["latent_dist"].shape == (32, 8, 8)  # mean and log-variance of 16 channels, 128 / 16 = 8
+    torch.testing.assert_close(cached["latent_dist"], expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cached["latent_dist_flipped"], expected[1], atol=1e-4, rtol=1e-4)
+
+
+def test_stream_sampler_resumes_mid_epoch_and_deals_batches_to_processes():
+    def take(sampler, n):
+        stream = iter(sampler)
+        return [next(stream) for _ in range(n)]
+
+    whole = take(training.StreamSampler(5, 2, seed=3), 40)
+    assert sorted(i for e, i in whole[:5]) == list(range(5)) and {e for e, _ in whole[:5]} == {0}
+    assert take(training.StreamSampler(5, 2, seed=3, start_batch=7), 10) == whole[14:24]
+    rank0 = take(training.StreamSampler(5, 2, seed=3, rank=0, world_size=2), 10)
+    rank1 = take(training.StreamSampler(5, 2, seed=3, rank=1, world_size=2), 10)
+    batches = [whole[i:i + 2] for i in range(0, 40, 2)]
+    assert rank0 == sum(batches[0::2][:5], []) and rank1 == sum(batches[1::2][:5], [])
+
+
+#################################################################################
+#                          Bad data, divergence, full disk                      #
+#################################################################################
+
+def test_bad_lines_missing_corrupt_and_small_images_are_skipped_and_reported(tiny_ckpts, tmp_path):
+    data_dir = make_dataset(tmp_path / "data", extra_lines=[
+        json.dumps({"file_name": "broken.png", "text": "a photo of a dog"}),
+        json.dumps({"file_name": "astronaut.png"}),  # no caption
+        "{not json",
+        json.dumps({"file_name": "gone.png", "text": "a tree"}),
+        json.dumps({"file_name": "small.png", "text": "a small red flower"}),
+    ])
+    (data_dir / "broken.png").write_bytes((data_dir / "coffee.png").read_bytes()[:400])  # truncated PNG
+    Image.fromarray(skdata.astronaut()).resize((96, 64)).save(data_dir / "small.png")
+    # 6 usable records, 2 per step: 3 steps read every record once (one epoch), the broken one included.
+    summary = train("sd3", tiny_ckpts["sd3"], data_dir, tmp_path / "out", "--max_train_steps", "3")
+    assert summary["status"] == "completed" and summary["steps"] == 3 and np.isfinite(summary["losses"]).all()
+    assert summary["skipped"] == {"metadata_lines": 2, "missing_images": 1, "corrupt_images": 1}
+    assert summary["problems"]["corrupt_images"][0].startswith("broken.png")
+    assert summary["problems"]["upscaled_images"] == ["small.png"] and summary["upscaled_images"] == 1
+    assert summary["train_images"] == 6
+
+
+def test_a_data_set_without_usable_lines_fails_at_start(tiny_ckpts, tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "metadata.jsonl").write_text('{"text": "a cat"}\n{"file_name": "x.png", "text": "a cat"}\n')
+    with pytest.raises(training.TrainingError, match="No usable image.*1 bad lines, 1 missing"):
+        train("sd3", tiny_ckpts["sd3"], data_dir, tmp_path / "out")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_ckpts, dataset, cache_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(training.TrainingError, match="not finite.*step 2"):
+        train("sd3", tiny_ckpts["sd3"], dataset, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
+              "--learning_rate", "1e30", cache=cache_dir)  # step 1 blows the weights up, step 2's loss is NaN
+    assert [p.name for _, p in training.list_checkpoints(out)] == ["checkpoint-1"]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["status"].startswith("stopped: The loss is not finite") and summary["steps"] == 1
+    assert not (out / "transformer").exists()  # no pipeline is written from a diverged run
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_path):
+    accelerator = Accelerator()
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters())
+    model, optimizer = accelerator.prepare(model, optimizer)
+    training.save_checkpoint(accelerator, tmp_path, 1, {"global_step": 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # any file over 4 KB fails to write, as on a full disk
+    try:
+        with pytest.raises(training.TrainingError, match="checkpoint-2.*checkpoint-1 is intact"):
+            training.save_checkpoint(accelerator, tmp_path, 2, {"global_step": 2}, total_limit=1)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no .tmp left, nothing pruned
+    accelerator.load_state(str(tmp_path / "checkpoint-1"))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
