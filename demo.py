@@ -7,7 +7,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent
@@ -55,11 +54,6 @@ def make_image_folder(folder, photos, min_side):
             image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
             image.save(folder / f"{name}.png")
             f.write(json.dumps({"file_name": f"{name}.png", "text": caption}) + "\n")
-
-
-def read_jsonl(path):
-    """All JSON objects of a .jsonl file."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def contact_sheet(rows, path, thumb=160):

@@ -6,7 +6,6 @@ to size x size, as in the authors' `fid_preprocess`. CLIPScore: torchmetrics' `c
 openai/clip-vit-base-patch16, per image, max(100 cos(E_image, E_text), 0). Aesthetics: the normalised
 OpenAI CLIP ViT-L/14 image embedding through the linear MLP of `sac+logos+ava1-l14-linearMSE.pth`.
 """
-import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,13 +15,13 @@ import open_clip
 import torch
 import torch.nn as nn
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageOps
 from torchmetrics.functional.multimodal import clip_score
 from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
 from eval import compression_ratio, glcm_score
+from imagefolder import load_image, read_metadata
 
 # Where a user gets each metric model (nothing is downloaded at run time).
 WEIGHT_SOURCES = {
@@ -85,12 +84,6 @@ def short(error):
 #################################################################################
 #                                     Images                                    #
 #################################################################################
-
-def read_rgb(path):
-    """The image at `path` as an RGB PIL image, EXIF orientation applied."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
 
 def to_uint8_tensor(image):
     """RGB PIL image -> uint8 tensor (3, H, W)."""
@@ -266,28 +259,21 @@ def aesthetic_scores(images, clip_model, preprocess, head):
 
 def read_eval_set(json_file, max_samples=None):
     """[{"index", "prompt", "real_image"}] from an imagefolder metadata.jsonl (`file_name` relative to its folder)."""
-    json_file = Path(json_file)
-    if not json_file.is_file():
+    try:
+        records, problems = read_metadata(json_file)
+    except FileNotFoundError:
         raise FileNotFoundError(f"--json_file {json_file} does not exist: pass e.g. Aesthetic-4K/eval/size_2048/"
-                                f"metadata.jsonl (one JSON object a line with 'file_name' and 'text').")
-    samples = []
-    for line_number, line in enumerate(json_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "file_name" not in record or "text" not in record:
-            raise ValueError(f"{json_file} line {line_number} needs 'file_name' and 'text', has {sorted(record)}.")
-        samples.append({"index": len(samples), "prompt": record["text"],
-                        "real_image": json_file.parent / record["file_name"]})
-        if max_samples is not None and len(samples) == max_samples:
-            break
-    if not samples:
+                                f"metadata.jsonl (one JSON object a line with 'file_name' and 'text').") from None
+    if problems["metadata_lines"]:  # every prompt counts in the eval protocol: nothing is skipped silently
+        raise ValueError(f"{json_file}: {len(problems['metadata_lines'])} unusable line(s), e.g. "
+                         f"{problems['metadata_lines'][0]}; each needs 'file_name' and 'text'.")
+    if problems["missing_images"]:
+        raise FileNotFoundError(f"{len(problems['missing_images'])} real image(s) listed in {json_file} are missing "
+                                f"(FID needs them), e.g. {problems['missing_images'][0]}. Download the whole eval "
+                                f"folder, not only metadata.jsonl.")
+    if not records:
         raise ValueError(f"--json_file {json_file} holds no samples.")
-    missing = [str(s["real_image"]) for s in samples if not s["real_image"].is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} real image(s) listed in {json_file} are missing (FID needs them), "
-                                f"e.g. {missing[0]}. Download the whole eval folder, not only metadata.jsonl.")
-    return samples
+    return [{"index": i, "prompt": r["text"], "real_image": r["image"]} for i, r in enumerate(records[:max_samples])]
 
 
 #################################################################################
@@ -326,8 +312,8 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i):
-        image = read_rgb(self.image_paths[i])
-        real = fid_tensor(read_rgb(self.samples[i]["real_image"]), self.size)
+        image = load_image(self.image_paths[i])
+        real = fid_tensor(load_image(self.samples[i]["real_image"]), self.size)
         return image, glcm_score(image), compression_ratio([image]), real
 
 

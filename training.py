@@ -27,12 +27,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, free_memory
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from imagefolder import load_image, read_metadata
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
 
@@ -51,45 +52,6 @@ class TrainingError(RuntimeError):
 #################################################################################
 #                                     Data                                      #
 #################################################################################
-
-def read_metadata(data_dir):
-    """Usable {"file_name", "text"} records of DIR/metadata.jsonl and the problems of the lines that were skipped.
-
-    Every line is checked here, before training: invalid JSON, a missing or empty `file_name` / `text`, or an
-    image file that does not exist is skipped and listed. Images are decoded lazily (TrainDataset).
-    """
-    data_dir = Path(data_dir)
-    path = data_dir / "metadata.jsonl"
-    if not path.is_file():
-        raise TrainingError(f"{path} not found: --instance_data_dir must be an imagefolder with a metadata.jsonl "
-                            f"holding one JSON object a line with 'file_name' (relative to the folder) and 'text'.")
-    records, bad_lines, missing = [], [], []
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                bad_lines.append(f"line {number}: invalid JSON ({error.msg})")
-                continue
-            for key in ("file_name", "text"):
-                if not isinstance(entry, dict) or not isinstance(entry.get(key), str) or not entry[key].strip():
-                    bad_lines.append(f"line {number}: no '{key}'")
-                    break
-            else:
-                if not (data_dir / entry["file_name"]).is_file():
-                    missing.append(f"line {number}: {entry['file_name']} does not exist")
-                else:
-                    records.append({"file_name": entry["file_name"], "text": entry["text"]})
-    return records, {"metadata_lines": bad_lines, "missing_images": missing}
-
-
-def load_image(path):
-    """An RGB image, EXIF orientation applied, fully decoded (so a truncated file fails here, not later)."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
 
 def preprocess(image, resolution, center_crop=False, flip=False, rng=None):
     """SPEC §4: shorter side to `resolution` (bilinear), random or centre crop to a square, optional h-flip, [-1, 1].
@@ -654,7 +616,10 @@ def train(args, pipeline_class, transformer_class, encode_prompts, predict, vali
     device = accelerator.device
 
     # Setup data (every metadata line is checked now; images are decoded lazily):
-    records, problems = read_metadata(args.instance_data_dir)
+    try:
+        records, problems = read_metadata(args.instance_data_dir)
+    except FileNotFoundError as error:
+        raise TrainingError(f"--instance_data_dir: {error}") from None
     warn_problems("metadata lines", problems["metadata_lines"])
     warn_problems("missing images", problems["missing_images"])
     if not records:
