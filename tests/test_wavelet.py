@@ -153,9 +153,9 @@ def test_band_weights_change_the_objective(levels):
     assert cosine < 0.999  # not a rescaled MSE gradient: a different direction
 
 
-@pytest.mark.parametrize("band_weights", [(1, 2, 2, 2), (0.5, 1, 3, 0)])
+@pytest.mark.parametrize("band_weights", [(1, 2, 2, 2), (0.5, 1, 3, 0), (0, 1, 1, 1), (3, 1, 1, 1)])
 @pytest.mark.parametrize("levels", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(2, 3, 16, 12), (2, 2, 7, 5), (3, 1, 10, 13)])
+@pytest.mark.parametrize("shape", [(2, 3, 16, 24), (2, 3, 16, 12), (2, 2, 7, 5), (3, 1, 10, 13)])
 def test_loss_equals_pywt_reference(shape, levels, band_weights):
     """Independent reference: pywt coefficients, weighted sum of squares, divided by the coefficient count."""
     pred, target = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
@@ -164,16 +164,49 @@ def test_loss_equals_pywt_reference(shape, levels, band_weights):
     assert ours == pytest.approx(pywt_loss(pred, target, weighting, levels, band_weights), rel=1e-12)
 
 
+@pytest.mark.parametrize("band_weights", [(0.5, 1, 2, 3), (1, 2, 2, 2), (0, 1, 1, 1)])
 @pytest.mark.parametrize("levels", [1, 2, 3])
-@pytest.mark.parametrize("shape", [(2, 1, 6, 4), (1, 2, 5, 7)])
-def test_custom_backward_passes_gradcheck(shape, levels):
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8), (2, 1, 6, 4), (1, 2, 5, 7)])
+def test_custom_backward_passes_gradcheck(shape, levels, band_weights):
+    """Both hand-written backwards (equal detail weights on sizes divisible by 2^levels; everything else)."""
     pred = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     target = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     weighting = sd3_weighting(shape[0], torch.float64)
-    loss = WaveletLoss(levels, (0.5, 1, 2, 3))
+    loss = WaveletLoss(levels, band_weights)
     assert torch.autograd.gradcheck(lambda p: loss(p, target.detach(), weighting), (pred,))
     g_pred, g_target = torch.autograd.grad(loss(pred, target, weighting), (pred, target))
     torch.testing.assert_close(g_target, -g_pred, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("band_weights", [(1, 2, 2, 2), (0, 1, 1, 1), (4, 1, 1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_parseval_form_equals_band_by_band_form(levels, band_weights):
+    """Equal detail weights are computed as w ||d||^2 + (w_ll - w) ||LL_J||^2 (no detail band is formed); any
+    other weights band by band from 2x2 Gram matrices. Nudging one detail weight by 1e-12 switches to the
+    second form on the same input: values and gradients must agree."""
+    torch.manual_seed(levels)
+    pred = torch.randn(2, 3, 16, 24, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, 3, 16, 24, dtype=torch.float64)
+    weighting = sd3_weighting(2, torch.float64).requires_grad_()  # its gradient too: the per-sample losses
+    nudged = band_weights[:3] + (band_weights[3] + 1e-12,)
+    fast, general = WaveletLoss(levels, band_weights)(pred, target, weighting), WaveletLoss(levels, nudged)(pred, target, weighting)
+    torch.testing.assert_close(fast, general, rtol=1e-10, atol=0)
+    g_fast, g_general = torch.autograd.grad(fast, (pred, weighting)), torch.autograd.grad(general, (pred, weighting))
+    for a, b in zip(g_fast, g_general):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_loss_at_4k_latent_size_is_accurate():
+    """The float32 sums of squares over 1M values per sample stay within 1e-6 of a float64 computation."""
+    torch.manual_seed(1)
+    pred, target = torch.randn(2, 16, 256, 256, requires_grad=True), torch.randn(2, 16, 256, 256)
+    weighting = sd3_weighting(2)
+    for band_weights, levels in [((1, 2, 2, 2), 1), ((1, 2, 2, 2), 3), ((0.5, 1, 2, 3), 1)]:
+        loss = WaveletLoss(levels, band_weights)
+        value, ref = loss(pred, target, weighting), loss(pred.double(), target.double(), weighting.double())
+        assert value.item() == pytest.approx(ref.item(), rel=1e-6)
+        (grad,), (grad_ref,) = torch.autograd.grad(value, pred), torch.autograd.grad(ref, pred)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6 * grad_ref.abs().max().item())
 
 
 def test_odd_size_loss_is_mse_of_edge_padded_error():
