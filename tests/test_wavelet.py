@@ -1,5 +1,8 @@
 """wavelet.py against pywavelets and plain MSE: exact Haar DWT/IDWT and the WLF loss (SPEC section 3)."""
 import argparse
+import json
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -284,3 +287,17 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-4, atol=1e-8)
     for a, b in zip(haar_dwt2d(pred.detach().cuda(), 2)[1], haar_dwt2d(pred.detach(), 2)[1]):
         torch.testing.assert_close(a.cpu(), b)
+
+
+def test_bench_runs_small_and_prints_every_case(repo_root):
+    """bench/bench_wavelet.py end to end on a small latent: one JSON line per case, with its ratio and counts."""
+    result = subprocess.run(
+        [sys.executable, "bench/bench_wavelet.py", "--shape", "2,4,32,32", "--repeats", "2", "--warmup", "1", "--threads", "1"],
+        cwd=repo_root, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    records = {r["case"]: r for r in map(json.loads, result.stdout.splitlines())}
+    assert {"wlf_L1_w1111", "wlf_L1_w1222", "wlf_L3_w1222", "wlf_L1_w0.5,1,2,3", "explicit_autograd_L1_w1222"} <= set(records)
+    assert all(r["ratio_vs_mse"] > 0 and r["shape"] == [2, 4, 32, 32] for r in records.values())
+    # The equal-weight form is a handful of calls; the explicit transform plus autograd is many more.
+    assert records["wlf_L1_w1111"]["aten_calls"] < records["wlf_L1_w1222"]["aten_calls"] < records["explicit_autograd_L1_w1222"]["aten_calls"]
