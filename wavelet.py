@@ -67,7 +67,6 @@ class _ParsevalWLF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, target, weights, w_ll, w, levels):
-        """weights: one per sample, already divided by the number of coefficients; returns the scalar loss."""
         diff = pred.to(weights.dtype) - target.to(weights.dtype)
         energy = _sq_norms(diff) * w
         blocks = None
@@ -199,13 +198,15 @@ class WaveletLoss(nn.Module):
             )
         B, C, H, W = pred.shape
         dtype = torch.promote_types(pred.dtype, torch.float32)
-        weights = torch.ones(B, dtype=dtype, device=pred.device) if weighting is None else (
-            self._per_sample(weighting, B).to(pred.device, dtype).expand(B))
+        # One weight per sample, over the number of coefficients: the loss is sum_b weights_b * energy_b.
+        if weighting is None:
+            weights = torch.full((B,), 1.0 / (B * C * H * W), dtype=dtype, device=pred.device)
+        else:
+            weights = self._per_sample(weighting, B).to(pred.device, dtype).expand(B) / (B * C * H * W)
         w_ll, w_lh, w_hl, w_hh = self.band_weights
         with torch.autocast(pred.device.type, enabled=False):  # sums of squares must not run in bf16
             if w_lh == w_hl == w_hh and H % 2**self.levels == 0 and W % 2**self.levels == 0:
-                # As many coefficients as values: the mean divides by B * C * H * W.
-                return _ParsevalWLF.apply(pred, target, weights / (B * C * H * W), w_ll, w_lh, self.levels)
+                return _ParsevalWLF.apply(pred, target, weights, w_ll, w_lh, self.levels)
             # Unequal detail weights or padding at some level: every band's energy, from 2x2 Gram matrices.
             x = pred.to(dtype) - target.to(dtype)
             band_w, detail_w, cols = _band_constants(self.band_weights, x.device, dtype)
@@ -218,7 +219,7 @@ class WaveletLoss(nn.Module):
                 per_sample = per_sample + (energy * (band_w if last else detail_w)).sum((1, 2)) * scale
                 count += x[0].numel() // 4 * (4 if last else 3)
                 x, scale = x_next, scale / 4
-            return torch.dot(per_sample, weights) / (B * count)
+            return torch.dot(per_sample, weights) * (C * H * W / count)
 
     @staticmethod
     def _per_sample(weighting, batch):
