@@ -22,6 +22,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from PIL import Image, PngImagePlugin
 
+from errors import UsageError
 from partitioned_vae import MODES, check_size, use_f16_vae
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
@@ -56,10 +57,6 @@ SHOWCASE_PROMPTS = [
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
-
-
-class UsageError(ValueError):
-    """A problem with the user's arguments or files; the CLIs print it without a traceback."""
 
 
 #################################################################################

@@ -1,0 +1,15 @@
+"""The one error type for a user's mistake, and the one way every script reports it and exits."""
+import sys
+
+
+class UsageError(ValueError):
+    """A problem with the user's arguments or files: scripts print it in one line, without a traceback."""
+
+
+def exit_on_usage_error(prog, run, *args, **kwargs):
+    """Call run(*args, **kwargs); on a UsageError print `prog: error: message` and exit with status 2."""
+    try:
+        return run(*args, **kwargs)
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
