@@ -114,6 +114,14 @@ def test_each_loss_term_equals_an_independent_computation(files):
     assert terms["loss"].item() == pytest.approx((mse + 0.1 * lpips_term + 0.05 * weight * gen + sc).item(), rel=1e-5)
     assert all(terms[name].item() != 0 for name in ("mse", "lpips", "gen", "sc"))
 
+    # Without LPIPS (--lpips_scale 0) the adaptive weight balances the MSE term.
+    no_lpips = generator_losses(x, x_hat, f_student, f_teacher, discriminator, None, last_layer, (0.0, 0.05, 1.0))
+    last_layer.grad = None
+    mse.backward(retain_graph=True)
+    mse_norm = last_layer.grad.norm()
+    assert no_lpips["lpips"].item() == 0
+    assert no_lpips["weight"].item() == pytest.approx(min(float(mse_norm / max(norms[1], 1e-8)), 1e4), rel=1e-4)
+
     # Discriminator: hinge on raw logits, and the gradient penalty from per-image backward passes.
     d_terms = discriminator_losses(discriminator, x, x_hat, gp_weight=10.0)
     hinge = torch.clamp(1 - discriminator(x), min=0).mean() + torch.clamp(1 + discriminator(x_hat), min=0).mean()
