@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -328,6 +329,88 @@ def check_args(args):
                          f"(or --lpips_scale 0 to train without LPIPS).")
 
 
+@dataclass
+class Models:
+    """What trains and what it trains with: teacher, student, discriminator, their optimisers and schedules, EMA."""
+    teacher: nn.Module
+    student: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    lpips_metric: nn.Module = None
+    discriminator: nn.Module = None
+    d_optimizer: torch.optim.Optimizer = None
+    d_scheduler: object = None
+    ema: EMAModel = None
+
+
+def create_models(args, accelerator, max_steps):
+    """The frozen teacher, the student (decoder trainable), the discriminator, AdamW for both, EMA; prepared."""
+    teacher, student = load_vaes(args.pretrained_model_name_or_path, args.vae_mode, args.grid)
+    teacher.to(accelerator.device)
+    if args.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    adamw = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+    # Each optimiser steps on its own steps (half of them with a discriminator); accelerate steps a prepared
+    # schedule once per process.
+    own_steps = ((max_steps + 1) // 2 if args.gen_scale > 0 else max_steps) * accelerator.num_processes
+    schedule = dict(num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=own_steps)
+    optimizer = torch.optim.AdamW(student.decoder.parameters(), lr=args.learning_rate, **adamw)
+    models = Models(teacher, *accelerator.prepare(student, optimizer, get_scheduler(args.lr_scheduler, optimizer,
+                                                                                      **schedule)))
+    if args.lpips_scale > 0:
+        models.lpips_metric = load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, accelerator.device)
+    if args.gen_scale > 0:
+        discriminator = Discriminator(args.discriminator_channels, args.discriminator_depth)
+        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.discr_learning_rate, **adamw)
+        models.discriminator, models.d_optimizer, models.d_scheduler = accelerator.prepare(
+            discriminator, d_optimizer, get_scheduler(args.lr_scheduler, d_optimizer, **schedule))
+    if args.use_ema:
+        models.ema = EMAModel(vae_module(models.student).decoder.parameters(), decay=args.ema_decay)
+        models.ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(models.ema)
+    return models
+
+
+def optimiser_step(models, data, step, args, accelerator):
+    """One generator step (even `step`, or every step without a discriminator) or discriminator step; its logs."""
+    train_d = models.discriminator is not None and step % 2 == 1
+    model, optimizer, scheduler = ((models.discriminator, models.d_optimizer, models.d_scheduler) if train_d
+                                   else (models.student, models.optimizer, models.scheduler))
+    if models.discriminator is not None:
+        vae_module(models.discriminator).requires_grad_(train_d)
+    student, discriminator = vae_module(models.student), vae_module(models.discriminator)
+    scales = (args.lpips_scale, args.gen_scale, args.sc_scale)
+    logs, skipped = {}, []
+    for micro_step in range(args.gradient_accumulation_steps):
+        batch = next(data)
+        skipped += batch["unreadable"]
+        x = batch["pixels"].to(accelerator.device)
+        generator = step_generator(args.seed, step, micro_step, accelerator.process_index)
+        with accelerator.accumulate(model):
+            if train_d:
+                with torch.no_grad():
+                    x_hat = student(x, sample_posterior=True, generator=generator).sample.clamp(-1, 1)
+                terms = discriminator_losses(models.discriminator, x, x_hat, args.gp_weight)
+            else:
+                x_hat, f_student = reconstruct_with_features(models.student, x, generator)
+                with torch.no_grad():
+                    _, f_teacher = reconstruct_with_features(models.teacher, x, generator)
+                terms = generator_losses(x, x_hat, f_student, f_teacher, discriminator, models.lpips_metric,
+                                         student.decoder.conv_out.weight, scales)
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        for name, value in terms.items():
+            logs[name] = logs.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
+    if models.ema is not None and not train_d:
+        models.ema.step(student.decoder.parameters())
+    logs = {("d_" if train_d else "g_") + name: value for name, value in logs.items()}
+    return {**logs, "lr": scheduler.get_last_lr()[0]}, skipped
+
+
 def main(args):
     check_args(args)
     output_dir = Path(args.output_dir)
@@ -338,7 +421,6 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     set_seed(args.seed)
-    device = accelerator.device
 
     # Setup data:
     paths, problems = list_train_images(args.train_data_dir)
@@ -347,33 +429,8 @@ def main(args):
     max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(dataset) / world_batch)
     val_images = validation_images(args, paths)
 
-    # Create the models and optimisers (only the student's decoder and the discriminator train):
-    teacher, student = load_vaes(args.pretrained_model_name_or_path, args.vae_mode, args.grid)
-    teacher.to(device)
-    if args.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    use_gan = args.gen_scale > 0
-    discriminator = Discriminator(args.discriminator_channels, args.discriminator_depth) if use_gan else None
-    lpips_metric = load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, device) \
-        if args.lpips_scale > 0 else None
-    adamw = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
-    # Each optimiser steps on its own steps (half of them with a discriminator); accelerate steps a prepared
-    # schedule once per process.
-    own_steps = ((max_steps + 1) // 2 if use_gan else max_steps) * accelerator.num_processes
-    schedule = dict(num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes, num_training_steps=own_steps)
-    optimizer = torch.optim.AdamW(student.decoder.parameters(), lr=args.learning_rate, **adamw)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, **schedule)
-    student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
-    if use_gan:
-        d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=args.discr_learning_rate, **adamw)
-        d_scheduler = get_scheduler(args.lr_scheduler, d_optimizer, **schedule)
-        discriminator, d_optimizer, d_scheduler = accelerator.prepare(discriminator, d_optimizer, d_scheduler)
-    ema = EMAModel(vae_module(student).decoder.parameters(), decay=args.ema_decay) if args.use_ema else None
-    if ema is not None:
-        ema.to(device)
-        accelerator.register_for_checkpointing(ema)
-    last_layer = vae_module(student).decoder.conv_out.weight
-    scales = (args.lpips_scale, args.gen_scale, args.sc_scale)
+    # Create the models (only the student's decoder and the discriminator train):
+    models = create_models(args, accelerator, max_steps)
 
     # Resume (models, optimisers, schedules, EMA from accelerate; data and posterior noise follow from the step):
     start_step, skipped = 0, set()
@@ -384,70 +441,39 @@ def main(args):
         start_step, skipped = state["global_step"], set(state["skipped_images"])
         logger.info(f"Resumed from {checkpoint} at step {start_step}")
     sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
-                            accelerator.num_processes, start_batch=start_step * args.gradient_accumulation_steps
-                            * accelerator.num_processes)
+                            accelerator.num_processes, start_batch=start_step * world_batch // args.train_batch_size)
     data = iter(DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
                            num_workers=args.dataloader_num_workers))
     accelerator.init_trackers("sc-vae", config={k: str(v) for k, v in vars(args).items()})
     logger.info(f"{len(dataset)} images, {world_batch} per optimiser step, steps {start_step} -> {max_steps}, "
-                f"{'generator and discriminator steps alternating' if use_gan else 'generator steps only'}")
+                f"{'generator and discriminator steps alternating' if args.gen_scale > 0 else 'generator steps only'}")
 
-    # Training loop: step k is a discriminator step when k is odd (with a discriminator), else a generator step.
+    # Training loop:
     losses, started = [], time.time()
     progress = tqdm(total=max_steps, initial=start_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for step in range(start_step, max_steps):
-        train_d = use_gan and step % 2 == 1
-        model, opt, sched = (discriminator, d_optimizer, d_scheduler) if train_d else (student, optimizer, scheduler)
-        if use_gan:
-            vae_module(discriminator).requires_grad_(train_d)
-        logs = {}
-        for micro_step in range(args.gradient_accumulation_steps):
-            batch = next(data)
-            skipped.update(batch["unreadable"])
-            x = batch["pixels"].to(device)
-            generator = step_generator(args.seed, step, micro_step, accelerator.process_index)
-            with accelerator.accumulate(model):
-                if train_d:
-                    with torch.no_grad():
-                        x_hat = vae_module(student)(x, sample_posterior=True, generator=generator).sample.clamp(-1, 1)
-                    terms = discriminator_losses(discriminator, x, x_hat, args.gp_weight)
-                else:
-                    x_hat, f_student = reconstruct_with_features(student, x, generator)
-                    with torch.no_grad():
-                        _, f_teacher = reconstruct_with_features(teacher, x, generator)
-                    terms = generator_losses(x, x_hat, f_student, f_teacher, vae_module(discriminator) if use_gan
-                                             else None, lpips_metric, last_layer, scales)
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            for name, value in terms.items():
-                logs[name] = logs.get(name, 0.0) + value.item() / args.gradient_accumulation_steps
-        if ema is not None and not train_d:
-            ema.step(vae_module(student).decoder.parameters())
-        logs = {("d_" if train_d else "g_") + name: value for name, value in logs.items()}
-        losses.append({"step": step + 1, **logs})
+        logs, unreadable = optimiser_step(models, data, step, args, accelerator)
+        skipped.update(unreadable)
+        losses.append({"step": step + 1, **{k: v for k, v in logs.items() if k != "lr"}})
         progress.update(1)
         progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
-        accelerator.log({**logs, "lr": sched.get_last_lr()[0]}, step=step + 1)
+        accelerator.log(logs, step=step + 1)
         if (step + 1) % args.checkpointing_steps == 0:
-            state = {"global_step": step + 1, "skipped_images": sorted(set().union(*gather_object([sorted(skipped)])))}
+            state = {"global_step": step + 1, "skipped_images": gather_union(skipped)}
             save_checkpoint(accelerator, output_dir, step + 1, state, args.checkpoints_total_limit)
         if val_images is not None and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
-            with swapped_in(ema, vae_module(student).decoder):
-                log_validation(accelerator, student, val_images, output_dir, step + 1)
+            with swapped_in(models.ema, vae_module(models.student).decoder):
+                log_validation(accelerator, models.student, val_images, output_dir, step + 1)
     progress.close()
 
     # Save the student (EMA weights) as a diffusers VAE folder:
     accelerator.wait_for_everyone()
-    skipped = sorted(set().union(*gather_object([sorted(skipped)])))
+    skipped = gather_union(skipped)
     summary = None
     if accelerator.is_main_process:
-        final = vae_module(accelerator.unwrap_model(student))
-        if ema is not None:
-            ema.copy_to(final.decoder.parameters())
+        final = vae_module(accelerator.unwrap_model(models.student))
+        if models.ema is not None:
+            models.ema.copy_to(final.decoder.parameters())
         final.save_pretrained(output_dir / "vae", safe_serialization=True)
         metrics = log_validation(accelerator, final, val_images, output_dir, max_steps) if val_images is not None else {}
         summary = {"steps": max_steps, "resumed_from_step": start_step, "losses": losses,
@@ -457,6 +483,11 @@ def main(args):
         logger.info(f"Saved the SC-VAE to {output_dir / 'vae'}")
     accelerator.end_training()
     return summary
+
+
+def gather_union(items):
+    """The sorted union of every process's items."""
+    return sorted(set().union(*gather_object([sorted(items)])))
 
 
 class swapped_in:

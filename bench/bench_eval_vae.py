@@ -2,8 +2,8 @@
 
 The full-size SD3/Flux VAE topology with random weights (block_out_channels 128, 256, 512, 512); real photos
 (scikit-image's, enlarged to 2048 on the shorter side). Each mode runs eval_vae's `main` in a fresh interpreter:
-seconds per image are the wall time of its evaluation loop divided by the images, the peak is the interpreter's
-RSS high-water mark (ru_maxrss). The pixel metrics need no weight files; LPIPS and rFID are left out (their cost
+seconds per image are the wall time of `main` (VAE loading included) divided by the images, with the process's CPU
+time beside it (steadier on a shared machine); the peak is the interpreter's RSS high-water mark (ru_maxrss). The pixel metrics need no weight files; LPIPS and rFID are left out (their cost
 does not depend on the VAE mode). F=8 is the reference the others are compared with, in the same run; the exact F=16
 modes must give the same PSNR. Run from the repository root: `python -m bench.bench_eval_vae`.
 """
@@ -53,11 +53,12 @@ def measure(vae_dir, data_dir, size, mode, output_json):
     args = eval_vae.parse_args(["--vae", str(vae_dir), "--data_dir", str(data_dir), "--size", str(size),
                                 "--vae_mode", mode, "--output_json", str(output_json), "--metrics",
                                 "nmse,nrmse,psnr,ssim", "--device", "cpu", "--num_workers", "0", "--no_progress"])
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     summary = eval_vae.main(args)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return {"mode": mode, "size": size, "n_images": summary["n_images"],
             "seconds_per_image": round(seconds / summary["n_images"], 1),
+            "cpu_seconds_per_image": round(cpu_seconds / summary["n_images"], 1),
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "psnr": summary["psnr"]}
 
@@ -90,7 +91,8 @@ def main(args):
     for mode, result in results.items():
         if reference and mode != "f8":
             print(json.dumps({"ratio": f"{mode} vs f8", "time_f8_over_mode": round(
-                reference["seconds_per_image"] / result["seconds_per_image"], 2), "peak_f8_over_mode": round(
+                reference["seconds_per_image"] / result["seconds_per_image"], 2), "cpu_time_f8_over_mode": round(
+                reference["cpu_seconds_per_image"] / result["cpu_seconds_per_image"], 2), "peak_f8_over_mode": round(
                 reference["peak_rss_gib"] / result["peak_rss_gib"], 2)}))
     if "partitioned" in results and "subpixel" in results:
         print(json.dumps({"check": "partitioned and subpixel give the same PSNR",
