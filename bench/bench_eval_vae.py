@@ -69,6 +69,8 @@ def run(vae_dir, data_dir, size, mode, output_json):
                        "output_json": str(output_json)})
     done = subprocess.run([sys.executable, "-m", "bench.bench_eval_vae", "--measure", spec], capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode == -9:  # the kernel's OOM killer (SIGKILL): the mode does not fit in this machine's memory
+        return {"mode": mode, "size": size, "status": "killed by the out-of-memory killer"}
     if done.returncode:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,7 +91,7 @@ def main(args):
             print(json.dumps(results[mode]), flush=True)
     reference = results.get("f8")
     for mode, result in results.items():
-        if reference and mode != "f8":
+        if reference and "status" not in reference and "status" not in result and mode != "f8":
             print(json.dumps({"ratio": f"{mode} vs f8", "time_f8_over_mode": round(
                 reference["seconds_per_image"] / result["seconds_per_image"], 2), "cpu_time_f8_over_mode": round(
                 reference["cpu_seconds_per_image"] / result["cpu_seconds_per_image"], 2), "peak_f8_over_mode": round(
