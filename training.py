@@ -698,7 +698,7 @@ def log_step(accelerator, progress, loss_log, step, step_losses, lr):
     progress.update(1)
     progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.2g}")
     accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-    if loss_log:
+    if loss_log is not None:
         loss_log.writer.writerow({"step": step, "loss": repr(step_loss), "lr": lr})
 
 
@@ -834,7 +834,7 @@ def train(args, spec):
         raise
     finally:
         progress.close()
-        if loss_log:
+        if loss_log is not None:
             loss_log.close()
     summary = write_summary(accelerator, args, "completed", global_step, problems, run)
 
