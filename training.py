@@ -638,9 +638,9 @@ def read_training_data(data_dir):
     warn_problems("metadata lines", found["metadata_lines"])
     warn_problems("missing images", found["missing_images"])
     if not records:
-        raise UsageError(f"No usable image in {data_dir}/metadata.jsonl: {len(found['metadata_lines'])} bad lines, "
-                         f"{len(found['missing_images'])} missing images "
-                         f"({'; '.join((found['metadata_lines'] + found['missing_images'])[:3])}).")
+        bad, missing = found["metadata_lines"], found["missing_images"]
+        raise UsageError(f"No usable image in {data_dir}/metadata.jsonl: {len(bad)} bad lines, {len(missing)} missing "
+                         f"images ({'; '.join((bad + missing)[:3])}).")
     return records, DataProblems(found)
 
 
@@ -902,8 +902,7 @@ def build_parser(description, spec):
     p.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="the paper's wavelet loss or plain MSE")
     p.add_argument("--wavelet_levels", type=int, default=1)
     p.add_argument("--wavelet_band_weights", type=parse_band_weights, default=(1.0, 1.0, 1.0, 1.0),
-                   help="LL,LH,HL,HH weights; equal weights make WLF equal to MSE (orthonormal Haar), e.g. 1,2,2,2 "
-                        "does not")
+                   help="LL,LH,HL,HH weights; equal ones make WLF equal to MSE (orthonormal Haar); 1,2,2,2 does not")
     p.add_argument("--checkpointing_steps", type=int, default=5000, help="authors: 5,000")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
