@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skdata
@@ -293,3 +295,13 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
     accelerator.load_state(str(tmp_path / "checkpoint-1"))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key])
+
+
+def test_use_8bit_adam_is_refused_where_deepspeed_would_ignore_it():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}  # ds_config.yaml's ZeRO-2
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    with pytest.raises(UsageError, match="--use_8bit_adam.*offloads the optimizer"):
+        training.configure_deepspeed(accelerator, 2, 1.0, use_8bit_adam=True)
+    training.configure_deepspeed(accelerator, 2, 0.5, use_8bit_adam=False)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]) == (2, 0.5)
