@@ -185,11 +185,8 @@ def main(args):
     lpips_metric = load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, device) if "lpips" in metrics else None
     fid = None
     if "rfid" in metrics:
-        try:
-            check_metric_files({"inception_weights": args.inception_weights})
-            fid = load_fid(args.inception_weights, device, args.fid_feature)
-        except (FileNotFoundError, ValueError) as error:
-            raise UsageError(str(error)) from None
+        check_metric_files({"inception_weights": args.inception_weights})
+        fid = load_fid(args.inception_weights, device, args.fid_feature)
     vae = load_vae(args.vae, args.vae_mode, args.grid, DTYPES[args.dtype]).to(device).eval()
     f16 = vae.config.get("f16_vae") if args.vae_mode not in F8_MODES else None
     mode, grid = (f16["mode"], f16["grid"]) if f16 else (args.vae_mode, None)

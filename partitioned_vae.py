@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
+from errors import UsageError
+
 MODES = ("full", "partitioned", "subpixel")  # the exact forms: all give conv(up2(x))
 AUTHORS_MODE = "authors"
 DECODE_MODES = MODES + (AUTHORS_MODE,)  # every F=16 decode
@@ -188,7 +190,7 @@ def make_f16_vae(vae, mode="partitioned", grid=2):
 
 
 def check_size(height, width):
-    """Raise a ValueError naming the nearest valid sizes unless height and width are positive multiples of 32."""
+    """Raise a UsageError naming the nearest valid sizes unless height and width are positive multiples of 32."""
     problems = []
     for name, value in (("height", height), ("width", width)):
         if int(value) != value or value <= 0:
@@ -198,7 +200,7 @@ def check_size(height, width):
             choices = f"{below} or {above}" if below > 0 else f"{above}"
             problems.append(f"{name} {value} is not a multiple of {SIZE_MULTIPLE}: use {choices}")
     if problems:
-        raise ValueError("; ".join(problems) + " (the F=16 VAE with 2x2 latent patches needs multiples of 32).")
+        raise UsageError("; ".join(problems) + " (the F=16 VAE with 2x2 latent patches needs multiples of 32).")
 
 
 def use_f16_vae(pipe, mode="partitioned", grid=2):
