@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
-from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image
+from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image, vae_settings
 from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 
@@ -93,7 +93,8 @@ def main(args):
         raise UsageError("FID needs at least 2 images: use --max_samples 2 or more.")
     paths = [image_path(args.save_path, s["index"], args.save_format) for s in samples]
     settings = {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
-                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed, "vae_f8": args.vae_f8,
+                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed,
+                **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
                 "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve())}
 
     if not args.skip_generation:
@@ -112,7 +113,8 @@ def main(args):
         mine = todo[state.process_index::state.num_processes]
         if mine:
             pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,
-                                 cpu_offload=args.cpu_offload, vae_f8=args.vae_f8)
+                                 cpu_offload=args.cpu_offload, vae_mode=args.vae_mode, grid=args.grid,
+                                 vae_path=args.pretrained_vae_model_name_or_path)
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):
