@@ -23,12 +23,12 @@ def _flag(args, name):
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len", [
-    ("train_sd3.sh", "8", "2", "2", "77"),
-    ("train_flux.sh", "4", "8", "1", "512"),
+@pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len, weighting", [
+    ("train_sd3.sh", "8", "2", "2", "77", "logit_normal"),
+    ("train_flux.sh", "4", "8", "1", "77", "none"),  # the authors' Flux trainer defaults (PROTOCOL.md §4)
 ])
 def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, per_device, processes, accumulation,
-                                                 seq_len):
+                                                 seq_len, weighting):
     result, args = _launch(repo_root, tmp_path, script)
     assert result.returncode == 0, result.stderr
     assert args[args.index("--config_file") + 1].endswith("ds_config.yaml")
@@ -39,6 +39,7 @@ def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, pe
     assert (_flag(args, "--resolution"), _flag(args, "--learning_rate"), _flag(args, "--max_train_steps"),
             _flag(args, "--checkpointing_steps")) == ("4096", "1e-6", "20000", "5000")
     assert _flag(args, "--max_sequence_length") == seq_len
+    assert _flag(args, "--weighting_scheme") == weighting
     assert ("--guidance_scale" in args) == (script == "train_flux.sh")
     assert args[-2:] == ["--report_to", "none"]
 
