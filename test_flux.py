@@ -1,4 +1,6 @@
-"""Generate 4K images with FLUX.1-dev and the F=16 partitioned VAE (SPEC §5). A command-line tool, not a test.
+"""Generate 4K images with FLUX.1-dev and the F=16 partitioned VAE (PROTOCOL.md §5).
+
+A command-line tool, not a test:
 
     python test_flux.py --checkpoint_path ./pretrain/FLUX.1-dev --prompt "..." --height 4096 --width 3072
 

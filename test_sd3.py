@@ -1,4 +1,6 @@
-"""Generate 4K images with Stable Diffusion 3 and the F=16 partitioned VAE (SPEC §5). A command-line tool, not a test.
+"""Generate 4K images with Stable Diffusion 3 and the F=16 partitioned VAE (PROTOCOL.md §5).
+
+A command-line tool, not a test:
 
     python test_sd3.py --checkpoint_path ./pretrain/stable-diffusion-3-medium-diffusers --prompt "..." \
         --height 4096 --width 3072
