@@ -1,4 +1,4 @@
-"""Eval-set metrics from local weight files (SPEC §6.2): FID, CLIPScore and the LAION Aesthetics predictor.
+"""Eval-set metrics from local weight files (PROTOCOL.md §6): FID, CLIPScore and the LAION Aesthetics predictor.
 
 FID: torchmetrics' FrechetInceptionDistance (2048-d pool features of torch-fidelity's Inception) on uint8
 images; each real image has its shorter side resized to `size` (bilinear, antialiased) and is center-cropped
@@ -92,7 +92,7 @@ def to_uint8_tensor(image):
 
 
 def fid_tensor(image, size):
-    """FID input (SPEC §6.2): shorter side -> `size` (bilinear, antialiased), center crop, uint8 (3, size, size)."""
+    """FID input (PROTOCOL.md §6): shorter side -> `size` (bilinear, antialiased), center crop, uint8 (3, size, size)."""
     tensor = to_uint8_tensor(image)
     if tensor.shape[1:] != (size, size):
         tensor = TF.resize(tensor, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The launch both train_sd3.sh and train_flux.sh share: the authors' 4096x4096 settings (PROTOCOL.md, Training),
+# The launch both train_sd3.sh and train_flux.sh share: the authors' 4096x4096 settings (PROTOCOL.md §4),
 # DeepSpeed ZeRO-2 with the optimizer on the CPU (ds_config.yaml), bf16, a global batch of GLOBAL_BATCH=32 images
 # (gradient accumulation fills what PER_DEVICE_BATCH x NUM_PROCESSES leaves); lr 1e-6 constant, 20,000 steps, a
 # checkpoint every 5,000 and gradient checkpointing are the trainer's defaults. The authors also pass --use_8bit_adam:

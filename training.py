@@ -52,7 +52,7 @@ MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counte
 #################################################################################
 
 def preprocess(image, resolution, center_crop=False, flip=False, rng=None):
-    """The authors' pre-processing (PROTOCOL.md, Training): shorter side to `resolution` (bilinear), random or
+    """The authors' pre-processing (PROTOCOL.md §1): shorter side to `resolution` (bilinear), random or
     centre crop to a square, optional h-flip, [-1, 1].
 
     Returns a (3, resolution, resolution) float tensor.
@@ -362,7 +362,7 @@ def configure_deepspeed(accelerator, train_batch_size, max_grad_norm, use_8bit_a
 
 
 def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
-    """AdamW with `settings` (lr, betas, eps, weight_decay; the paper's in PROTOCOL.md, Training).
+    """AdamW with `settings` (lr, betas, eps, weight_decay; the paper's in PROTOCOL.md §4).
 
     With DeepSpeed offloading the optimizer, its CPU AdamW (DeepSpeedCPUAdam, fp32 states in host memory) is the
     only choice: we build it ourselves so that betas and eps are ours too (accelerate's automatic swap keeps only
@@ -905,7 +905,7 @@ def train(args, spec):
 #################################################################################
 
 def build_parser(description, spec):
-    """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md, Training), per model from `spec`."""
+    """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md §4), per model from `spec`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder")
     p.add_argument("--instance_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)")

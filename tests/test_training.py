@@ -75,7 +75,7 @@ def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
 
 
 def launch_deepspeed(script, *flags):
-    """`accelerate launch --config_file ds_config.yaml` on one CPU process without mixed precision (SPEC §8)."""
+    """`accelerate launch --config_file ds_config.yaml` on one CPU process without mixed precision (PROTOCOL.md §8)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "ds_config.yaml"),
            "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", "0", str(ROOT / script), *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -173,7 +173,7 @@ def test_equal_band_weights_give_the_mse_losses_and_1222_does_not(tiny_ckpts, da
                 cache=cache_dir)["losses"]
     weighted = train("sd3", ckpt, dataset, tmp_path / "w1222", "--loss", "wlf", "--wavelet_band_weights", "1,2,2,2",
                      cache=cache_dir)["losses"]
-    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # SPEC §3.4: orthonormal Haar, equal weights -> same objective
+    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # PROTOCOL.md §3: orthonormal Haar, equal weights -> same objective
     # Same first batch and noise: detail bands counted twice, so MSE < L(1,2,2,2) < 2 MSE.
     assert 1.01 * mse[0] < weighted[0] < 2 * mse[0]
 
