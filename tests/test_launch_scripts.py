@@ -64,5 +64,6 @@ def test_a_multi_node_launch_passes_the_machines_to_accelerate(repo_root, tmp_pa
                                            "--main_process_port", "--num_processes")] == ["2", "1", "10.0.0.1",
                                                                                           "29500", "8"]
     (tmp_path / "no-rank").mkdir()
-    result, args = _launch(repo_root, tmp_path / "no-rank", "train_flux.sh", NUM_MACHINES="2", MAIN_PROCESS_IP="10.0.0.1")
+    result, args = _launch(repo_root, tmp_path / "no-rank", "train_flux.sh", NUM_MACHINES="2",
+                           MAIN_PROCESS_IP="10.0.0.1")
     assert result.returncode != 0 and not args and "MACHINE_RANK" in result.stderr

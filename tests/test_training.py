@@ -173,7 +173,7 @@ def test_equal_band_weights_give_the_mse_losses_and_1222_does_not(tiny_ckpts, da
                 cache=cache_dir)["losses"]
     weighted = train("sd3", ckpt, dataset, tmp_path / "w1222", "--loss", "wlf", "--wavelet_band_weights", "1,2,2,2",
                      cache=cache_dir)["losses"]
-    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # PROTOCOL.md §3: orthonormal Haar, equal weights -> same objective
+    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # PROTOCOL.md §3: orthonormal Haar, equal weights: one objective
     # Same first batch and noise: detail bands counted twice, so MSE < L(1,2,2,2) < 2 MSE.
     assert 1.01 * mse[0] < weighted[0] < 2 * mse[0]
 
@@ -344,7 +344,8 @@ def loss_inputs(tiny_ckpts, **settings):
     generator seeded with 1."""
     vae = load_f16_vae(tiny_ckpts["sd3"], subfolder="vae")
     scheduler = training.FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_ckpts["sd3"], subfolder="scheduler")
-    batch = {"latent_dist": LATENT_DIST, "prompt_embeds": torch.zeros(2, 4, 8), "pooled_prompt_embeds": torch.zeros(2, 8)}
+    batch = {"latent_dist": LATENT_DIST, "prompt_embeds": torch.zeros(2, 4, 8),
+             "pooled_prompt_embeds": torch.zeros(2, 8)}
     seen = {}
 
     def predict(transformer, noisy, timesteps, embeddings):
