@@ -92,7 +92,7 @@ def to_uint8_tensor(image):
 
 
 def fid_tensor(image, size):
-    """FID input (PROTOCOL.md §6): shorter side -> `size` (bilinear, antialiased), crop, uint8 (3, size, size)."""
+    """FID input (PROTOCOL.md §6): shorter side to `size` (antialiased bilinear), centre crop; (3, size, size) uint8."""
     tensor = to_uint8_tensor(image)
     if tensor.shape[1:] != (size, size):
         tensor = TF.resize(tensor, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
