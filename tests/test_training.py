@@ -422,3 +422,8 @@ def test_checkpoint_2_holds_the_step_2_transformer_and_the_generation_clis_load_
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(UsageError, match="base pipeline .*gone"):
         load_pipeline(kind, checkpoint, dtype="fp32", device="cpu")
+    # Resuming from it still works, and --checkpoints_total_limit prunes whole checkpoint folders.
+    train(kind, tiny_ckpts[kind], dataset, tmp_path / "three", "--max_train_steps", "4", "--checkpointing_steps", "2",
+          "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", cache=cache_dir)
+    assert [p.name for _, p in training.list_checkpoints(tmp_path / "three")] == ["checkpoint-4"]
+    assert transformer_difference(tmp_path / "three/checkpoint-4", tmp_path / "three") == 0
