@@ -427,3 +427,13 @@ def test_checkpoint_2_holds_the_step_2_transformer_and_the_generation_clis_load_
           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", cache=cache_dir)
     assert [p.name for _, p in training.list_checkpoints(tmp_path / "three")] == ["checkpoint-4"]
     assert transformer_difference(tmp_path / "three/checkpoint-4", tmp_path / "three") == 0
+
+
+def test_loss_precision_autocast_reaches_the_loss_of_a_bf16_run(tiny_ckpts, dataset, cache_dir, tmp_path):
+    flags = ("--mixed_precision", "bf16", "--max_train_steps", "1")
+    ours = train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "fp32", *flags, cache=cache_dir)
+    theirs = train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "bf16", *flags, "--loss_precision", "autocast",
+                   cache=cache_dir)
+    assert theirs["settings"]["loss_precision"] == "autocast" and theirs["engine"]["mixed_precision"] == "bf16"
+    assert ours["losses"] != theirs["losses"]  # the same draws, only the rounding differs
+    np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=0.05)
