@@ -83,11 +83,40 @@ def missing_component_file(folder):
     return f"weights in {folder} ({' or '.join(COMPONENT_WEIGHT_FILES[:2])})"
 
 
+TRAINER_STATE = "trainer_state.json"  # what the trainers write into each checkpoint-N folder
+
+
+def pipeline_folders(checkpoint_path):
+    """(pipeline folder, transformer folder or None) that `checkpoint_path` stands for.
+
+    A trainer's checkpoint-N holds the fine-tuned `transformer/` and names, in trainer_state.json, the base pipeline
+    the run started from, which supplies every frozen component (PROTOCOL.md §4); any other folder is a pipeline.
+    """
+    root = Path(checkpoint_path)
+    if (root / "model_index.json").is_file() or not (root / TRAINER_STATE).is_file():
+        return root, None
+    base = json.loads((root / TRAINER_STATE).read_text()).get("base_pipeline")
+    if base is None:
+        raise UsageError(f"{root} is a training checkpoint without a recorded base pipeline (written by an older "
+                         f"trainer): generate from the run's output folder, or resume the run to write a new one.")
+    if not (Path(base) / "model_index.json").is_file():
+        raise UsageError(f"{root} takes its frozen components (VAE, text encoders) from the base pipeline its "
+                         f"{TRAINER_STATE} names, {base}, which is not a pipeline folder any more: put the base "
+                         f"pipeline back there.")
+    return Path(base), root / "transformer"
+
+
 def check_checkpoint(model, checkpoint_path):
-    """Raise UsageError naming the first missing file unless checkpoint_path is a complete local `model` pipeline."""
+    """Raise UsageError naming the first missing file unless checkpoint_path is a complete local `model` pipeline,
+    or a trainer's checkpoint-N whose transformer and recorded base pipeline are complete."""
     root = Path(checkpoint_path)
     if not root.is_dir():
         raise UsageError(f"Checkpoint folder {root} does not exist. {where_to_get(model)}")
+    root, transformer = pipeline_folders(root)
+    if transformer is not None:
+        missing = missing_component_file(transformer)
+        if missing:
+            raise UsageError(f"Training checkpoint {transformer.parent} is incomplete: missing {missing}.")
     index = root / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{index} is missing: {root} is not a diffusers pipeline folder. {where_to_get(model)}")
@@ -100,6 +129,8 @@ def check_checkpoint(model, checkpoint_path):
     for name, entry in spec.items():
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
             continue  # metadata, or an optional component the checkpoint leaves out
+        if name == "transformer" and transformer is not None:
+            continue  # the training checkpoint's own transformer replaces the base pipeline's
         missing = missing_component_file(root / name)
         if missing:
             raise UsageError(f"Checkpoint {root} is incomplete: missing {missing} (component '{name}'). "
@@ -179,9 +210,12 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     check_checkpoint(model, checkpoint_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    base, transformer = pipeline_folders(checkpoint_path)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = MODELS[model].pipeline_class.from_pretrained(checkpoint_path, torch_dtype=torch_dtype)
+        components = {} if transformer is None else {
+            "transformer": MODELS[model].transformer_class.from_pretrained(transformer, torch_dtype=torch_dtype)}
+        pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype, **components)
     if not vae_f8:
         use_f16_vae(pipe, vae_mode, grid)
     if cpu_offload != "none" and device.type == "cpu":
