@@ -377,8 +377,9 @@ def main(args):
         for case, estimate, measure in plan(args):
             if chosen(case, args.only, args.skip):
                 sweep.run(case, estimate(), measure)
-            elif not args.only or args.skip:
-                sweep.skip(case, "left out by --skip" if args.skip else "not named by --only")
+            else:
+                by_skip = any(word in case for word in args.skip or ())
+                sweep.skip(case, "left out by --skip" if by_skip else "not named by --only")
     summary = {
         "command": "python -m bench.gpu_sweep " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                                time.gmtime()),
