@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 PY=.venv/bin/python
 if ! [ -x "$PY" ] || ! "$PY" -c "import diffusers, deepspeed, torchmetrics, open_clip, pywt, skimage" 2>/dev/null; then
   python3 -m venv .venv
-  .venv/bin/pip install -q -r requirements.txt
+  .venv/bin/pip install -q -r requirements.lock  # the tested versions (README, "Installing")
 fi
 export HF_HUB_OFFLINE=1
 exec "$PY" demo.py "$@"

@@ -1,8 +1,8 @@
 """Analytic forward FLOPs of the SD3 and Flux transformers (matmuls + attention), for MFU.
 
 One multiply-add counts 2 FLOPs. Counted: every Linear / patch conv and the two attention products
-(Q·Kᵀ and P·V); not counted: norms, activations, softmax, RoPE, biases (the convention of
-`torch.utils.flop_counter.FlopCounterMode`, which the tests compare against). Training costs about
+(Q·Kᵀ and P·V); not counted: norms, activations, softmax, RoPE, biases. The tests check these formulas
+exactly against the shapes of the products a model runs, captured at the ATen dispatcher while it runs. Training costs about
 3x the forward (4x with gradient checkpointing).
 """
 

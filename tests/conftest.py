@@ -1,13 +1,69 @@
-"""Shared fixtures: offline mode and the tiny SD3/Flux checkpoints, built once per test session."""
+"""Shared fixtures: offline mode and the tiny SD3/Flux checkpoints, built once per test session.
+
+Before anything runs, the installed packages are compared with requirements.lock (the tested versions): a
+difference is reported at the top of the output, and under CI (CI=true) it stops the run.
+"""
 import os
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 # Nothing is ever downloaded: every test runs as a user without network would.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
+LOCK_FILE = ROOT / "requirements.lock"
+LOCK_KEY = pytest.StashKey[list]()  # the differences, computed once
+
+
+def lock_differences(lock_file=LOCK_FILE):
+    """['torch: 2.15.0 installed, 2.14.1 locked', ...]: each locked package whose installed version differs."""
+    differences = []
+    for line in lock_file.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith("-"):
+            continue
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        locked = next(iter(requirement.specifier)).version
+        try:
+            installed = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != locked:
+            differences.append(f"{canonicalize_name(requirement.name)}: "
+                               f"{installed + ' installed' if installed else 'not installed'}, {locked} locked")
+    return differences
+
+
+def under_ci():
+    """True when the CI variable says so (CI=true, as CI services set it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def pytest_configure(config):
+    """Under CI, an environment that differs from requirements.lock fails the run before any test."""
+    differences = lock_differences()
+    config.stash[LOCK_KEY] = differences
+    if differences and under_ci():
+        raise pytest.UsageError(f"CI=true and the environment differs from {LOCK_FILE.name} "
+                                f"({len(differences)} differ): " + "; ".join(differences)
+                                + ". Install with: .venv/bin/pip install -r requirements.lock")
+
+
+def pytest_report_header(config):
+    """The first lines of the output: the tested versions, or each package that differs from them."""
+    differences = config.stash[LOCK_KEY]
+    if not differences:
+        return f"environment: every package at its {LOCK_FILE.name} version (the tested versions)"
+    count = f"{len(differences)} package{'s' if len(differences) > 1 else ''}"
+    return ([f"WARNING: {count} differ from {LOCK_FILE.name} (the tested versions); "
+             f"results may differ from CI:"] + [f"  {line}" for line in differences])
+
 
 
 @pytest.fixture(scope="session")

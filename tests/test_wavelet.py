@@ -1,6 +1,7 @@
 """wavelet.py against pywavelets and plain MSE: exact Haar DWT/IDWT and the WLF loss (SPEC section 3)."""
 import argparse
 import json
+import math
 import subprocess
 import sys
 import warnings
@@ -200,14 +201,22 @@ def test_parseval_form_equals_band_by_band_form(levels, band_weights):
 
 
 def test_float32_loss_at_4k_latent_size_is_accurate():
-    """The float32 sums of squares over 1M values per sample stay within 1e-6 of a float64 computation."""
+    """float32 against float64 on the same inputs, within a bound that does not depend on a torch release.
+
+    Bound: a pairwise (cascade) sum of n non-negative terms is within ceil(log2 n)·u of the exact sum, u = 2^-24
+    (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., §4.2); the loss chains at most four such
+    error sources per coefficient (the difference, the transform, the squares, the per-sample sums), so its relative
+    error is within 4·ceil(log2 n)·u: 4.8e-6 for n = 16 x 256 x 256. One sequential norm over a whole sample (the
+    bug the row-wise norms avoid) is 2e-5 off here.
+    """
     torch.manual_seed(1)
     pred, target = torch.randn(2, 16, 256, 256, requires_grad=True), torch.randn(2, 16, 256, 256)
     weighting = sd3_weighting(2)
-    for band_weights, levels in [((1, 2, 2, 2), 1), ((1, 2, 2, 2), 3), ((0.5, 1, 2, 3), 1)]:
+    bound = 4 * math.ceil(math.log2(pred[0].numel())) * 2.0**-24
+    for band_weights, levels in [((1, 2, 2, 2), 1), ((1, 2, 2, 2), 3), ((0.5, 1, 2, 3), 1), ((1, 1, 1, 1), 1)]:
         loss = WaveletLoss(levels, band_weights)
         value, ref = loss(pred, target, weighting), loss(pred.double(), target.double(), weighting.double())
-        assert value.item() == pytest.approx(ref.item(), rel=1e-6)
+        assert abs(value.item() - ref.item()) <= bound * ref.item(), (band_weights, levels)
         (grad,), (grad_ref,) = torch.autograd.grad(value, pred), torch.autograd.grad(ref, pred)
         torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6 * grad_ref.abs().max().item())
 
