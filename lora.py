@@ -22,9 +22,9 @@ ADAPTER_NAME = "default"  # peft's default adapter name, the one diffusers' trai
 # (SD3: the joint attention projections; Flux: attention and both feed-forwards of the double-stream blocks,
 # and, by suffix, the attention projections of the single-stream blocks).
 DEFAULT_LORA_LAYERS = {
-    "sd3": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
+    "SD3Transformer2DModel": ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k", "attn.to_out.0",
             "attn.to_q", "attn.to_v"),
-    "flux": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+    "FluxTransformer2DModel": ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
              "ff_context.net.2"),
 }
@@ -42,9 +42,9 @@ def parse_lora_layers(text):
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def lora_config(model, rank, alpha=None, layers=None, dropout=0.0):
-    """peft LoraConfig of `model` ("sd3" | "flux"): rank r, alpha (default r, as diffusers' trainers), target modules
-    (default DEFAULT_LORA_LAYERS[model]), Gaussian A and zero B (diffusers' trainers' `init_lora_weights`)."""
+def lora_config(transformer, rank, alpha=None, layers=None, dropout=0.0):
+    """peft LoraConfig for `transformer` (an instance or class): rank r, alpha (default r, as diffusers' trainers),
+    target modules (default: DEFAULT_LORA_LAYERS of its class), Gaussian A and zero B (diffusers' trainers' init)."""
     if rank < 1:
         raise UsageError(f"--lora_rank {rank}: a LoRA adapter needs a rank of at least 1 (0 means full fine-tuning).")
     alpha = rank if alpha is None else alpha
@@ -53,7 +53,15 @@ def lora_config(model, rank, alpha=None, layers=None, dropout=0.0):
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"--lora_dropout {dropout} must be in [0, 1).")
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
-                      target_modules=list(layers or DEFAULT_LORA_LAYERS[model]))
+                      target_modules=list(layers or default_lora_layers(transformer)))
+
+
+def default_lora_layers(transformer):
+    """diffusers' trainers' default target modules for this transformer class."""
+    name = transformer.__name__ if isinstance(transformer, type) else type(transformer).__name__
+    if name not in DEFAULT_LORA_LAYERS:
+        raise UsageError(f"No default LoRA target modules for {name}: pass --lora_layers.")
+    return DEFAULT_LORA_LAYERS[name]
 
 
 def matches(module_name, target):
@@ -195,3 +203,132 @@ def load_lora(pipe, lora_path, lora_scale=1.0):
     pipe.fuse_lora(lora_scale=lora_scale, adapter_names=["lora"])
     pipe.unload_lora_weights()
     return path
+
+
+#################################################################################
+#                         Training with an adapter                              #
+#################################################################################
+
+def add_training_flags(parser):
+    """The trainers' LoRA flags, named as diffusers' LoRA trainers name them (their --rank is --lora_rank here)."""
+    parser.add_argument("--lora_rank", type=int, default=0,
+                        help="rank of a LoRA adapter (peft) on the transformer; 0: full fine-tuning (the paper)")
+    parser.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--lora_layers", type=parse_lora_layers, default=None,
+                        help='comma-separated target modules, e.g. "attn.to_q,attn.to_k" (default: diffusers\' '
+                             'LoRA trainers\' choice per model)')
+    parser.add_argument("--lora_dropout", type=float, default=0.0)
+    parser.add_argument("--merge_lora", action="store_true",
+                        help="also write OUTPUT_DIR as a complete pipeline with the adapter merged into the weights")
+
+
+def check_training_flags(args, transformer_class, model_dir):
+    """Refuse LoRA flags without --lora_rank, and a rank whose targets miss this transformer, before anything runs.
+    The check builds the transformer on the meta device from its config: no weights are read."""
+    if args.lora_rank < 0:
+        raise UsageError(f"--lora_rank {args.lora_rank}: give 0 (full fine-tuning) or a positive rank.")
+    if not args.lora_rank:
+        given = [flag for flag, value in (("--lora_alpha", args.lora_alpha), ("--lora_layers", args.lora_layers),
+                                          ("--merge_lora", args.merge_lora)) if value]
+        if given:
+            raise UsageError(f"{', '.join(given)} only apply to LoRA: add --lora_rank (e.g. 16), or drop them for full "
+                             f"fine-tuning.")
+        return None
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        skeleton = transformer_class.from_config(transformer_class.load_config(model_dir, subfolder="transformer"))
+    config = lora_config(skeleton, args.lora_rank, args.lora_alpha, args.lora_layers, args.lora_dropout)
+    check_targets(skeleton, sorted(config.target_modules))
+    return config
+
+
+def attach_for_training(transformer, config, trainable_dtype=None):
+    """Attach the adapter; the frozen base keeps its dtype, the adapter's weights get `trainable_dtype` (fp32 for
+    plain accelerate, as diffusers' trainers cast them; None under DeepSpeed, which keeps its own fp32 copy)."""
+    add_lora(transformer, config)
+    if trainable_dtype is not None:
+        for param in transformer.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(trainable_dtype)
+    return [param for param in transformer.parameters() if param.requires_grad]
+
+
+def register_checkpoint_hooks(accelerator, pipeline_class):
+    """Make every accelerate checkpoint of a LoRA run hold the adapter as pytorch_lora_weights.safetensors.
+
+    Without DeepSpeed the adapter is all accelerate keeps of the model (not the frozen base), and loading a
+    checkpoint puts the adapter's weights back exactly. Under DeepSpeed its engine saves and restores the module
+    and the optimizer itself; the adapter file is written beside them.
+    """
+    def save_hook(models, weights, output_dir):
+        transformer = accelerator.unwrap_model(models[0])
+        if accelerator.is_main_process:
+            save_lora(pipeline_class, transformer, output_dir)
+        if weights:
+            weights.pop()  # accelerate then writes no full copy of the frozen model
+
+    def load_hook(models, input_dir):
+        if not models:  # DeepSpeed: the engine has loaded the module already
+            return
+        transformer = accelerator.unwrap_model(models.pop())
+        load_adapter_weights(transformer, Path(input_dir) / WEIGHT_NAME)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_adapter_weights(transformer, path):
+    """Put the adapter weights of a file written by `save_lora` into the attached adapter, in place and exactly."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = {key[len("transformer."):]: value for key, value in load_file(path).items()
+             if key.startswith("transformer.")}
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER_NAME)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise UsageError(f"{path} does not match this run's adapter (unexpected {unexpected[:3]}): resume with the "
+                         f"--lora_rank and --lora_layers of the run that wrote it.")
+
+
+def merged_transformer(transformer):
+    """The transformer with the adapter added into its weights and the adapter layers removed (diffusers' fuse +
+    unload), as plain Linear layers again: the fine-tuned model a stock pipeline loads without peft."""
+    transformer.fuse_lora(lora_scale=1.0, adapter_names=[ADAPTER_NAME])
+    transformer.unload_lora()
+    return transformer
+
+
+def save_adapter(accelerator, transformer, pipeline_class, output_dir):
+    """OUTPUT_DIR/pytorch_lora_weights.safetensors from the main process (ZeRO-2 keeps whole weights on each)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        return save_lora(pipeline_class, accelerator.unwrap_model(transformer), output_dir)
+
+
+#################################################################################
+#                         Generating with an adapter                            #
+#################################################################################
+
+def add_generation_flags(parser):
+    """--lora_path / --lora_scale of every generating script."""
+    parser.add_argument("--lora_path", default=None,
+                        help=f"a LoRA adapter: a .safetensors file, or a folder holding {WEIGHT_NAME} (a LoRA run's "
+                             f"output or checkpoint-N folder)")
+    parser.add_argument("--lora_scale", type=float, default=1.0, help="weight of the adapter (1: as trained)")
+
+
+def generation_settings(lora_path, lora_scale):
+    """What identifies the adapter in image metadata: its file, its sha256 (a retrained file at the same path is
+    another adapter) and the scale; all None without one."""
+    if lora_path is None:
+        return {"lora_path": None, "lora_sha256": None, "lora_scale": None}
+    import hashlib
+
+    path = adapter_file(lora_path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"lora_path": str(path.resolve()), "lora_sha256": digest.hexdigest(), "lora_scale": lora_scale}

@@ -115,7 +115,24 @@ def compile_transformer(transformer):
     return transformer
 
 
-def describe(cpu_offload="none", layerwise_casting="none", quantize="none", vae_tiling=False, compile=False):
-    """The settings as recorded in image metadata and compared between runs of one eval folder."""
-    return {"cpu_offload": cpu_offload, "layerwise_casting": layerwise_casting, "quantize": quantize,
-            "vae_tiling": bool(vae_tiling), "compile": bool(compile)}
+def add_generation_flags(parser):
+    """The flags of every generating script (test_sd3.py, test_flux.py, generate_and_eval_fid.py)."""
+    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none",
+                        help="model: one model on the GPU at a time; group: the transformer a block at a time, the "
+                             "next one copied on a side stream; sequential: layer by layer (slowest, least memory)")
+    parser.add_argument("--layerwise_casting", choices=tuple(LAYERWISE_CASTING), default="none",
+                        help="store the transformer's weights in fp8, compute each layer in --dtype (diffusers)")
+    parser.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="quantise the transformer's weights with torchao when loading: int8 weights (any "
+                             "device), fp8 weights / fp8 weights and activations (GPUs with fp8: Ada, Hopper)")
+    parser.add_argument("--vae_tiling", action="store_true",
+                        help="decode in overlapping tiles blended at the seams (diffusers; not the same image)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks")
+
+
+def from_args(args, changes_images=False):
+    """The low-memory settings of parsed flags, as load_pipeline's keyword arguments and image metadata.
+    changes_images: only those that change the pixels (not --cpu_offload, which moves the same numbers), as the
+    settings an eval folder may not mix."""
+    names = ("layerwise_casting", "quantize", "vae_tiling", "compile")
+    return {name: getattr(args, name) for name in (names if changes_images else ("cpu_offload",) + names)}

@@ -9,6 +9,7 @@ import lora
 from errors import UsageError
 
 PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
 PROMPT = "a photo of a red castle"
 
 
@@ -21,7 +22,7 @@ def image(pipe):
 def trained_adapter(kind, ckpt, folder, rank=4, alpha=8, seed=0):
     """An adapter saved by lora.save_lora whose B matrices are random (a trained adapter's are not zero)."""
     transformer = PIPELINES[kind].from_pretrained(ckpt).transformer
-    lora.add_lora(transformer, lora.lora_config(kind, rank, alpha))
+    lora.add_lora(transformer, lora.lora_config(transformer, rank, alpha))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transformer.named_parameters():
@@ -36,7 +37,7 @@ def test_adapter_loads_into_the_stock_pipeline_as_w_plus_scaled_ba_and_changes_t
     assert path.name == "pytorch_lora_weights.safetensors"
     stored = lora.read_adapter_config(path)
     assert stored["r"] == 4 and stored["lora_alpha"] == 8
-    assert set(stored["target_modules"]) == set(lora.DEFAULT_LORA_LAYERS[kind])
+    assert set(stored["target_modules"]) == set(lora.DEFAULT_LORA_LAYERS[TRANSFORMERS[kind]])
     tensors = load_file(path)
     assert tensors and all(k.startswith("transformer.") and ".lora_" in k for k in tensors)
 
@@ -93,7 +94,7 @@ def test_same_model_of_other_width_is_refused(tiny_ckpts, tmp_path):
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_only_targeted_linear_layers_get_trainable_adapters(tiny_ckpts, kind):
     transformer = PIPELINES[kind].from_pretrained(tiny_ckpts[kind]).transformer
-    targeted = lora.add_lora(transformer, lora.lora_config(kind, 2, layers=("attn.to_q", "attn.to_k")))
+    targeted = lora.add_lora(transformer, lora.lora_config(transformer, 2, layers=("attn.to_q", "attn.to_k")))
     assert targeted and all(name.endswith(("attn.to_q", "attn.to_k")) for name in targeted)
     trainable = [name for name, p in transformer.named_parameters() if p.requires_grad]
     assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
@@ -106,14 +107,15 @@ def test_only_targeted_linear_layers_get_trainable_adapters(tiny_ckpts, kind):
 def test_a_rank_that_targets_nothing_is_refused(tiny_ckpts, tmp_path):
     transformer = StableDiffusion3Pipeline.from_pretrained(tiny_ckpts["sd3"]).transformer
     with pytest.raises(UsageError, match="--lora_layers: attn.to_qq match"):
-        lora.add_lora(transformer, lora.lora_config("sd3", 4, layers=lora.parse_lora_layers("attn.to_q, attn.to_qq")))
+        layers = lora.parse_lora_layers("attn.to_q, attn.to_qq")
+        lora.add_lora(transformer, lora.lora_config(transformer, 4, layers=layers))
     with pytest.raises(UsageError, match="proj_mlp"):  # a Flux-only module
-        lora.add_lora(transformer, lora.lora_config("sd3", 4, layers=("proj_mlp",)))
+        lora.add_lora(transformer, lora.lora_config(transformer, 4, layers=("proj_mlp",)))
     assert not getattr(transformer, "peft_config", None)
     with pytest.raises(UsageError, match="--lora_rank 0"):
-        lora.lora_config("sd3", 0)
+        lora.lora_config(transformer, 0)
     with pytest.raises(UsageError, match="--lora_alpha"):
-        lora.lora_config("sd3", 4, alpha=0)
+        lora.lora_config(transformer, 4, alpha=0)
     assert lora.parse_lora_layers("") is None and lora.parse_lora_layers(" a , b ") == ("a", "b")
 
 
