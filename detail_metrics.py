@@ -21,6 +21,8 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from errors import UsageError
+
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
 GLCM_LEVELS = 64
 GLCM_DISTANCES = (1, 2, 3, 4)
@@ -310,7 +312,7 @@ def compression_ratio(images, mode="encode", quality=95):
 def list_files(img_root, recursive=False):
     """Sorted non-hidden files of `img_root` (and its sub-folders with `recursive`)."""
     if not os.path.isdir(img_root):
-        raise FileNotFoundError(f"--img_root {img_root!r} is not a folder")
+        raise UsageError(f"--img_root {img_root!r} is not a folder")
     if recursive:
         found = [os.path.join(d, f) for d, subdirs, files in os.walk(img_root) for f in files]
     else:
@@ -318,7 +320,7 @@ def list_files(img_root, recursive=False):
     found = sorted(f for f in found if os.path.isfile(f) and not os.path.basename(f).startswith("."))
     if not found:
         hint = "" if recursive else " (add --recursive to look into sub-folders)"
-        raise ValueError(f"no files in {img_root!r}{hint}: point --img_root at a folder of images")
+        raise UsageError(f"no files in {img_root!r}{hint}: point --img_root at a folder of images")
     return found
 
 
@@ -382,7 +384,7 @@ def evaluate_folder(img_root, prop="entropy", patch_size=64, device="cpu", worke
                               "patch; left out of the GLCM Score, kept in the Compression Ratio", stacklevel=2)
             rows.append({**row, "file": name})
     if not rows:
-        raise ValueError(f"none of the {len(files)} files in {img_root!r} could be read as an image")
+        raise UsageError(f"none of the {len(files)} files in {img_root!r} could be read as an image")
     if size is not None:
         other = sum((r["width"], r["height"]) != (size, size) for r in rows)
         if other:

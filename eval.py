@@ -1,15 +1,13 @@
-"""GLCM Score and Compression Ratio of a folder of images (SPEC §6.3–6.4)."""
-
+"""GLCM Score and Compression Ratio of a folder of images (the paper's detail metrics; detail_metrics.py)."""
 import argparse
 import math
 import os
-import sys
 import warnings
 
 import torch
 
-# generate_and_eval_fid.py imports glcm_score and compression_ratio from here.
-from detail_metrics import GLCM_PROPS, compression_ratio, evaluate_folder, glcm_score, write_outputs  # noqa: F401
+from detail_metrics import GLCM_PROPS, evaluate_folder, write_outputs
+from errors import UsageError, exit_on_usage_error
 
 
 def print_table(summary, rows, max_rows=20):
@@ -30,20 +28,17 @@ def main(args):
     # Check the flags:
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line in a CLI
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("eval.py: --device cuda was given but torch sees no GPU; use --device cpu")
+        raise UsageError("--device cuda was given but torch sees no GPU; use --device cpu")
     if not os.path.isdir(args.img_root):
-        sys.exit(f"eval.py: --img_root {args.img_root!r} is not a folder")
+        raise UsageError(f"--img_root {args.img_root!r} is not a folder")
     stem = os.path.normpath(args.img_root)
     csv_path = args.output_csv or f"{stem}_eval.csv"
     json_path = args.output_json or f"{stem}_eval.json"
 
     # Measure every image:
-    try:
-        summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size,
-                                        device=args.device, workers=args.workers, cr_mode=args.cr_mode,
-                                        quality=args.jpeg_quality, recursive=args.recursive, size=args.size)
-    except ValueError as err:  # an empty folder, or nothing readable in it
-        sys.exit(f"eval.py: {err}")
+    summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size, device=args.device,
+                                    workers=args.workers, cr_mode=args.cr_mode, quality=args.jpeg_quality,
+                                    recursive=args.recursive, size=args.size)  # UsageError: empty or unreadable
 
     # Report:
     write_outputs(summary, rows, csv_path, json_path)
@@ -72,4 +67,4 @@ if __name__ == "__main__":
                         help="Processes reading (and, on cpu, scoring) images; default: all cores.")
     parser.add_argument("--output_csv", type=str, default=None, help="Per-image CSV (default: <img_root>_eval.csv).")
     parser.add_argument("--output_json", type=str, default=None, help="Summary JSON (default: <img_root>_eval.json).")
-    main(parser.parse_args())
+    exit_on_usage_error("eval.py", main, parser.parse_args())

@@ -20,7 +20,8 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from tqdm import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
-from eval import compression_ratio, glcm_score
+from detail_metrics import compression_ratio, glcm_score
+from errors import UsageError
 from imagefolder import load_image, read_metadata
 
 # Where a user gets each metric model (nothing is downloaded at run time).
@@ -67,12 +68,12 @@ def missing_metric_file(flag, path):
 
 
 def check_metric_files(paths):
-    """Raise FileNotFoundError naming every unusable metric weight path of {flag: path} and where to get it."""
+    """Raise UsageError naming every unusable metric weight path of {flag: path} and where to get it."""
     problems = [(flag, missing_metric_file(flag, path)) for flag, path in paths.items()]
     problems = [f"{why}: get {WEIGHT_SOURCES[flag]}." for flag, why in problems if why]
     if problems:
-        raise FileNotFoundError("Metric model weights are missing (nothing is downloaded at run time):\n  "
-                                + "\n  ".join(problems))
+        raise UsageError("Metric model weights are missing (nothing is downloaded at run time):\n  "
+                         + "\n  ".join(problems))
 
 
 def short(error):
@@ -114,7 +115,7 @@ def load_fid(inception_weights, device="cpu", feature=2048):
                                           feature_extractor_weights_path=str(inception_weights),
                                           sync_on_compute=False)  # one process sees every image
     except (RuntimeError, KeyError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"--inception_weights {inception_weights} is not torch-fidelity's Inception state dict "
+        raise UsageError(f"--inception_weights {inception_weights} is not torch-fidelity's Inception state dict "
                          f"({short(error)}); get {WEIGHT_SOURCES['inception_weights']}.") from error
     return metric.to(device)
 
@@ -229,7 +230,7 @@ def load_aesthetic_clip(path, device="cpu", arch=AESTHETIC_CLIP_ARCH):
             model, _, preprocess = open_clip.create_model_and_transforms(
                 arch, pretrained=str(path), device=device, weights_only=not is_torchscript(path))
     except (RuntimeError, ValueError, KeyError) as error:
-        raise ValueError(f"--aesthetic_clip {path} could not be loaded as OpenAI CLIP ViT-L/14 "
+        raise UsageError(f"--aesthetic_clip {path} could not be loaded as OpenAI CLIP ViT-L/14 "
                          f"({short(error)}); get {WEIGHT_SOURCES['aesthetic_clip']}.") from error
     return model.eval(), preprocess
 
@@ -240,7 +241,7 @@ def load_aesthetic_head(path, device="cpu", input_size=768):
     try:
         head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     except (RuntimeError, TypeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"--aesthetic_head {path} is not the {input_size}-input aesthetic MLP "
+        raise UsageError(f"--aesthetic_head {path} is not the {input_size}-input aesthetic MLP "
                          f"({short(error)}); get {WEIGHT_SOURCES['aesthetic_head']}.") from error
     return head.eval().to(device)
 
@@ -262,17 +263,17 @@ def read_eval_set(json_file, max_samples=None):
     try:
         records, problems = read_metadata(json_file)
     except FileNotFoundError:
-        raise FileNotFoundError(f"--json_file {json_file} does not exist: pass e.g. Aesthetic-4K/eval/size_2048/"
-                                f"metadata.jsonl (one JSON object a line with 'file_name' and 'text').") from None
+        raise UsageError(f"--json_file {json_file} does not exist: pass e.g. Aesthetic-4K/eval/size_2048/"
+                         f"metadata.jsonl (one JSON object a line with 'file_name' and 'text').") from None
     if problems["metadata_lines"]:  # every prompt counts in the eval protocol: nothing is skipped silently
-        raise ValueError(f"{json_file}: {len(problems['metadata_lines'])} unusable line(s), e.g. "
+        raise UsageError(f"{json_file}: {len(problems['metadata_lines'])} unusable line(s), e.g. "
                          f"{problems['metadata_lines'][0]}; each needs 'file_name' and 'text'.")
     if problems["missing_images"]:
-        raise FileNotFoundError(f"{len(problems['missing_images'])} real image(s) listed in {json_file} are missing "
-                                f"(FID needs them), e.g. {problems['missing_images'][0]}. Download the whole eval "
-                                f"folder, not only metadata.jsonl.")
+        raise UsageError(f"{len(problems['missing_images'])} real image(s) listed in {json_file} are missing "
+                         f"(FID needs them), e.g. {problems['missing_images'][0]}. Download the whole eval "
+                         f"folder, not only metadata.jsonl.")
     if not records:
-        raise ValueError(f"--json_file {json_file} holds no samples.")
+        raise UsageError(f"--json_file {json_file} holds no samples.")
     return [{"index": i, "prompt": r["text"], "real_image": r["image"]} for i, r in enumerate(records[:max_samples])]
 
 
@@ -326,10 +327,10 @@ def evaluate_images(samples, image_paths, size, models, batch_size=8, num_worker
     """Metrics of generated `image_paths` (one per sample) against the eval set; returns (metrics, per-image rows).
 
     Images are read `batch_size` at a time, so memory does not grow with the set. GLCM Score and
-    Compression Ratio (Σ raw bytes / Σ JPEG q95 bytes) come from eval.py (SPEC §6.3-6.4).
+    Compression Ratio (Σ raw bytes / Σ JPEG q95 bytes) come from detail_metrics.py.
     """
     if len(samples) < 2:
-        raise ValueError("FID needs at least 2 images on each side: use --max_samples 2 or more.")
+        raise UsageError("FID needs at least 2 images on each side: use --max_samples 2 or more.")
     loader = torch.utils.data.DataLoader(EvalImages(samples, image_paths, size), batch_size=batch_size,
                                          num_workers=num_workers, collate_fn=as_columns)
     models.fid.reset()

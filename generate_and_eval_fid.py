@@ -1,4 +1,4 @@
-"""Generate the Aesthetic-Eval set (one image per prompt) and score it: FID, CLIPScore, Aesthetics, GLCM, CR (SPEC §6).
+"""Generate the Aesthetic-Eval set (one image per prompt) and score it: FID, CLIPScore, Aesthetics, GLCM, CR.
 
 Sharded and resumable: `accelerate launch generate_and_eval_fid.py ...` splits the missing images between the
 processes; images already in --save_path are kept, so a killed run continues where it stopped. The metrics are
@@ -19,13 +19,21 @@ from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
 from tqdm import tqdm
 
+from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
-from generation import DEFAULTS, DTYPES, OFFLOADS, UsageError, check_checkpoint, generate, load_pipeline, save_image
+from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image
+from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 
-# The authors' generate_and_eval_fid.py: T5 length 77 for SD3, 512 for Flux; one generator seeded per prompt.
-MAX_SEQUENCE_LENGTH = {"sd3": 77, "flux": 512}
 SETTINGS_FILE = "generation_settings.json"
+PROTOCOL = {  # how each metric is computed, written into metrics.json
+    "fid_real_images": "shorter side resized to size (bilinear, antialiased), center crop size x size, uint8",
+    "clip_score": "torchmetrics clip_score per image on the full image, mean over images; prompts cut at "
+                  "77 CLIP tokens (count: truncated_prompts)",
+    "aesthetics": "LAION improved-aesthetic-predictor on the L2-normalised OpenAI CLIP ViT-L/14 image embedding",
+    "glcm_score": "detail_metrics.glcm_score (entropy, 64x64 patches), mean over images",
+    "compression_ratio": "sum of raw RGB bytes / sum of in-memory JPEG q95 bytes (detail_metrics.compression_ratio)",
+}
 
 
 #################################################################################
@@ -37,7 +45,7 @@ def image_path(save_path, index, save_format):
     return Path(save_path) / f"{index:05d}.{save_format}"
 
 
-def save_atomically(image, path, metadata):
+def save_image_atomically(image, path, metadata):
     """save_image into SAVE_PATH/.partial/, then rename: a killed run never leaves a half-written image."""
     partial = path.parent / ".partial" / path.name
     save_image(image, partial, metadata, overwrite=True)
@@ -71,11 +79,12 @@ def write_results(save_path, metrics, rows):
 #################################################################################
 
 def main(args):
+    """Generate this process's share of the missing eval images, then score every image (main process)."""
     # Check everything before generating anything:
     # Without CUDA, processes started by `accelerate launch` / torchrun share the work on the CPU (gloo).
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    max_sequence_length = args.max_sequence_length or MAX_SEQUENCE_LENGTH[args.model]
-    num_inference_steps = args.num_inference_steps or DEFAULTS[args.model]["num_inference_steps"]
+    if not args.skip_generation and args.checkpoint_path is None:
+        raise UsageError("--checkpoint_path is required unless --skip_generation is given.")
     metric_files = {flag: getattr(args, flag) for flag in WEIGHT_SOURCES}
     check_metric_files(metric_files)
     check_size(args.size, args.size)
@@ -84,8 +93,7 @@ def main(args):
         raise UsageError("FID needs at least 2 images: use --max_samples 2 or more.")
     paths = [image_path(args.save_path, s["index"], args.save_format) for s in samples]
     settings = {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
-                "guidance_scale": args.guidance_scale, "num_inference_steps": num_inference_steps,
-                "max_sequence_length": max_sequence_length, "seed": args.seed, "vae_f8": args.vae_f8,
+                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed, "vae_f8": args.vae_f8,
                 "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve())}
 
     if not args.skip_generation:
@@ -108,9 +116,9 @@ def main(args):
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):
-                image, _ = generate(pipe, samples[i]["prompt"], args.size, args.size, num_inference_steps,
-                                    args.guidance_scale, args.seed, max_sequence_length)
-                save_atomically(image, paths[i], {"prompt": samples[i]["prompt"], "index": i, **settings})
+                image, _ = generate(pipe, samples[i]["prompt"], args.size, args.size, args.num_inference_steps,
+                                    args.guidance_scale, args.seed, args.max_sequence_length)
+                save_image_atomically(image, paths[i], {"prompt": samples[i]["prompt"], "index": i, **settings})
             del pipe
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -126,18 +134,10 @@ def main(args):
                          f"00001.{args.save_format}, ... after their line in --json_file).")
     metrics, rows = evaluate_images(samples, paths, args.size, models.to(state.device), args.eval_batch_size,
                                     args.num_workers)
-    metrics["settings"] = {**vars(args), "num_inference_steps": num_inference_steps,
-                           "max_sequence_length": max_sequence_length, "num_processes": state.num_processes}
-    metrics["protocol"] = {
-        "fid_real_images": "shorter side resized to size (bilinear, antialiased), center crop size x size, uint8",
-        "fid_feature": f"torchmetrics FrechetInceptionDistance, {args.fid_feature}-d Inception features, "
-                       f"antialias=False (torch-fidelity's resize to 299)",
-        "clip_score": "torchmetrics clip_score per image on the full image, mean over images; prompts cut at "
-                      "77 CLIP tokens (count: truncated_prompts)",
-        "aesthetics": "LAION improved-aesthetic-predictor on the L2-normalised OpenAI CLIP ViT-L/14 image embedding",
-        "glcm_score": "eval.glcm_score (entropy, 64x64 patches), mean over images",
-        "compression_ratio": "sum of raw RGB bytes / sum of in-memory JPEG q95 bytes (eval.compression_ratio)",
-    }
+    metrics["settings"] = {**vars(args), "num_processes": state.num_processes}
+    metrics["protocol"] = {**PROTOCOL, "fid_feature": f"torchmetrics FrechetInceptionDistance, {args.fid_feature}-d "
+                                                      f"Inception features, antialias=False (torch-fidelity's resize "
+                                                      f"to 299)"}
     metrics["versions"] = {"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
                            "transformers": transformers.__version__, "open_clip": open_clip.__version__,
                            "diffusers": diffusers.__version__}
@@ -148,25 +148,17 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """Command line; the defaults are the authors' evaluation settings (SPEC §6.1)."""
+    """(parser, args); the defaults are the authors' evaluation settings (PROTOCOL.md, Evaluation)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint_path", default=None, help="local diffusers pipeline folder (fine-tuned or stock)")
-    parser.add_argument("--model", choices=tuple(DEFAULTS), default="sd3")
+    parser.add_argument("--model", choices=tuple(MODELS), default="sd3")
     parser.add_argument("--json_file", required=True, help="eval metadata.jsonl (file_name, text), e.g. "
                         "Aesthetic-4K/eval/size_2048/metadata.jsonl; real images next to it")
     parser.add_argument("--size", type=int, default=2048)  # Aesthetic-Eval@2048
     parser.add_argument("--save_path", required=True, help="folder for the images, metrics.json and per_image.csv")
-    parser.add_argument("--guidance_scale", type=float, default=7.0)  # SPEC §6.1 (both models)
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="default: 28 (sd3), 50 (flux)")
-    parser.add_argument("--max_sequence_length", type=int, default=None,
-                        help="T5 tokens; default: 77 (sd3), 512 (flux)")
-    parser.add_argument("--seed", type=int, default=0, help="every prompt gets a CPU generator seeded with it")
+    add_generation_flags(parser)  # every prompt gets a CPU generator seeded with --seed
     parser.add_argument("--max_samples", type=int, default=None, help="only the first N prompts")
-    parser.add_argument("--save_format", choices=("png", "jpg"), default="png", help="jpg: quality 95, as the authors")
     parser.add_argument("--skip_generation", action="store_true", help="only evaluate the images in --save_path")
-    parser.add_argument("--vae_f8", action="store_true", help="stock F=8 VAE instead of the F=16 partitioned one")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
     parser.add_argument("--fid_feature", type=int, choices=(64, 192, 768, 2048), default=2048,
                         help="Inception layer: 2048 (pool) is the standard FID; the smaller ones are quick checks")
     parser.add_argument("--eval_batch_size", type=int, default=8, help="images held in memory while evaluating")
@@ -177,14 +169,11 @@ def parse_args(argv=None):
                         help="OpenAI CLIP ViT-L/14 weights (ViT-L-14.pt or an open_clip file / folder)")
     parser.add_argument("--aesthetic_head", default=None, help="sac+logos+ava1-l14-linearMSE.pth")
     args = parser.parse_args(argv)
-    if not args.skip_generation and args.checkpoint_path is None:
-        parser.error("--checkpoint_path is required unless --skip_generation is given.")
+    for flag in SAMPLING_FLAGS:
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(MODELS[args.model].evaluation, flag))
     return parser, args
 
 
 if __name__ == "__main__":
-    parser, args = parse_args()
-    try:
-        main(args)
-    except (UsageError, FileNotFoundError, ValueError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    exit_on_usage_error("generate_and_eval_fid.py", main, parse_args()[1])

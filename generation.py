@@ -4,9 +4,10 @@ Public API (also used by generate_and_eval_fid.py; keep it stable):
     load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, cpu_offload, vae_f8=False) -> pipeline
     generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed, ...) -> (PIL image, timings)
     output_stem / output_path / prompt_slug   file names that say what made the image
-    save_image(image, path, metadata, extra=None, overwrite=False); read_metadata(path)
-    DEFAULTS[model]                            the paper's inference settings per model
+    save_image(image, path, metadata, extra=None, overwrite=False); read_image_settings(path)
+    add_generation_flags(parser, sampling)     the flags every generating script shares
     main(args) / cli(model)                    the command line shared by both scripts
+The per-model settings (the paper's inference steps, guidance, T5 length) are models.MODELS[model].inference.
 """
 import argparse
 import hashlib
@@ -15,30 +16,20 @@ import re
 import time
 import unicodedata
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from PIL import Image, PngImagePlugin
 
-from errors import UsageError
+from errors import UsageError, exit_on_usage_error
+from models import MODELS, Sampling, max_image_side, model_of
 from partitioned_vae import MODES, check_size, use_f16_vae
 
-PIPELINES = {"sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
-SCRIPTS = {"sd3": "test_sd3.py", "flux": "test_flux.py"}
-# Paper / authors' inference settings (SPEC §5). SD3's T5 length is diffusers' default; Flux-dev uses 512.
-DEFAULTS = {
-    "sd3": {"num_inference_steps": 28, "guidance_scale": 7.0, "max_sequence_length": 256,
-            "checkpoint_path": "pretrain/stable-diffusion-3-medium-diffusers",
-            "hub_repo": "stabilityai/stable-diffusion-3-medium-diffusers", "name": "Stable Diffusion 3 medium"},
-    "flux": {"num_inference_steps": 50, "guidance_scale": 5.0, "max_sequence_length": 512,
-             "checkpoint_path": "pretrain/FLUX.1-dev",
-             "hub_repo": "black-forest-labs/FLUX.1-dev", "name": "FLUX.1-dev"},
-}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OFFLOADS = ("none", "model", "sequential")
-JPEG_QUALITY = 95  # the authors save q95 JPEGs (SPEC §6.4)
+JPEG_QUALITY = 95  # the authors save q95 JPEGs
 # Used when no --prompt / --prompt_file is given: scenes in the spirit of the paper's 4K showcase.
 SHOWCASE_PROMPTS = [
     "A snow leopard resting on a lichen-covered granite ledge at dawn, every whisker and snowflake in sharp focus, "
@@ -54,7 +45,7 @@ SHOWCASE_PROMPTS = [
     "Macro photograph of a dragonfly wing covered in morning dew, iridescent veins, shallow depth of field, "
     "crisp detail",
 ]
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+COMPONENT_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
                 "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_config.json")
 
@@ -65,10 +56,10 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model", "tokenizer_co
 
 def where_to_get(model):
     """How a user obtains the diffusers weights of `model` and where to put them."""
-    d = DEFAULTS[model]
-    return (f"Get the {d['name']} diffusers weights (accept the licence at https://huggingface.co/{d['hub_repo']}, "
-            f"then `hf download {d['hub_repo']} --local-dir ./{d['checkpoint_path']}`) and pass "
-            f"--checkpoint_path ./{d['checkpoint_path']}.")
+    spec = MODELS[model]
+    return (f"Get the {spec.title} diffusers weights (accept the licence at https://huggingface.co/{spec.hub_repo}, "
+            f"then `hf download {spec.hub_repo} --local-dir ./{spec.checkpoint_path}`) and pass "
+            f"--checkpoint_path ./{spec.checkpoint_path}.")
 
 
 def missing_component_file(folder):
@@ -87,9 +78,9 @@ def missing_component_file(folder):
         shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         return str(folder / missing[0]) + f" (listed in {index.name})" if missing else None
-    if any((folder / name).is_file() for name in WEIGHT_FILES) or any(folder.glob("*.safetensors")):
+    if any((folder / name).is_file() for name in COMPONENT_WEIGHT_FILES) or any(folder.glob("*.safetensors")):
         return None
-    return f"weights in {folder} ({' or '.join(WEIGHT_FILES[:2])})"
+    return f"weights in {folder} ({' or '.join(COMPONENT_WEIGHT_FILES[:2])})"
 
 
 def check_checkpoint(model, checkpoint_path):
@@ -101,10 +92,10 @@ def check_checkpoint(model, checkpoint_path):
     if not index.is_file():
         raise UsageError(f"{index} is missing: {root} is not a diffusers pipeline folder. {where_to_get(model)}")
     spec = json.loads(index.read_text())
-    expected = PIPELINES[model].__name__
+    expected = MODELS[model].pipeline_class.__name__
     if spec.get("_class_name") != expected:
-        other = next((m for m, p in PIPELINES.items() if p.__name__ == spec.get("_class_name")), None)
-        hint = f" Use {SCRIPTS[other]} for it." if other else ""
+        other = next((m for m in MODELS.values() if m.pipeline_class.__name__ == spec.get("_class_name")), None)
+        hint = f" Use {other.script} for it." if other else ""
         raise UsageError(f"{root} holds a {spec.get('_class_name')} checkpoint, not a {expected} one.{hint}")
     for name, entry in spec.items():
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
@@ -138,15 +129,13 @@ def resolve_dtype(dtype, device):
 
 def check_resolution(pipe, height, width):
     """Raise UsageError when the transformer's positional embedding cannot address a height x width latent."""
-    max_patches = getattr(pipe.transformer.config, "pos_embed_max_size", None)
-    if not max_patches:
-        return  # Flux: rotary embeddings, no fixed table
-    max_pixels = max_patches * pipe.transformer.config.patch_size * pipe.vae_scale_factor
-    if max(height, width) > max_pixels:
-        hint = " Drop --vae_f8: the F=16 VAE halves the latent size." if pipe.vae_scale_factor == 8 else ""
+    config, factor = pipe.transformer.config, pipe.vae_scale_factor
+    max_pixels, patches = max_image_side(config, factor), config.get("pos_embed_max_size")
+    if max_pixels and max(height, width) > max_pixels:  # Flux: rotary embeddings, no limit
+        hint = " Drop --vae_f8: the F=16 VAE halves the latent size." if factor == 8 else ""
         raise UsageError(f"{height}x{width} is too large for this transformer: its positional embedding covers "
-                         f"{max_patches}x{max_patches} patches, i.e. at most {max_pixels} pixels a side with an "
-                         f"F={pipe.vae_scale_factor} VAE.{hint}")
+                         f"{patches}x{patches} patches, i.e. at most {max_pixels} pixels a side with an "
+                         f"F={factor} VAE.{hint}")
 
 
 def read_prompts(prompt=None, prompt_file=None):
@@ -183,8 +172,8 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     cpu_offload: "none" | "model" | "sequential" (diffusers' offload hooks; GPU only, ignored with a warning
     on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
     """
-    if model not in PIPELINES:
-        raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(PIPELINES)}.")
+    if model not in MODELS:
+        raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
     if cpu_offload not in OFFLOADS:
         raise UsageError(f"Unknown --cpu_offload {cpu_offload!r}: choose one of {', '.join(OFFLOADS)}.")
     check_checkpoint(model, checkpoint_path)
@@ -192,7 +181,7 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     torch_dtype = resolve_dtype(dtype, device)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipe = PIPELINES[model].from_pretrained(checkpoint_path, torch_dtype=torch_dtype)
+        pipe = MODELS[model].pipeline_class.from_pretrained(checkpoint_path, torch_dtype=torch_dtype)
     if not vae_f8:
         use_f16_vae(pipe, vae_mode, grid)
     if cpu_offload != "none" and device.type == "cpu":
@@ -235,7 +224,7 @@ def generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, s
               "callback_on_step_end": on_step_end}
     if max_sequence_length:
         kwargs["max_sequence_length"] = max_sequence_length
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    if model_of(pipe).negative_prompt:
         kwargs["negative_prompt"] = negative_prompt
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -323,12 +312,12 @@ def save_image(image, path, metadata, extra=None, overwrite=False):
     return path
 
 
-def read_metadata(path):
+def read_image_settings(path):
     """The settings dict embedded in an image written by `save_image` (PNG tEXt or JPEG COM)."""
     with Image.open(path) as image:
         text = image.info.get("settings") or image.info.get("comment")
     if text is None:
-        raise ValueError(f"{path} carries no generation settings.")
+        raise UsageError(f"{path} carries no generation settings.")
     return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
 
 
@@ -341,10 +330,7 @@ def main(args):
     # Check the request before loading anything:
     if args.num_images < 1 or args.num_inference_steps < 1:
         raise UsageError("--num_images and --num_inference_steps must be at least 1.")
-    try:
-        check_size(args.height, args.width)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    check_size(args.height, args.width)
     prompts = read_prompts(args.prompt, args.prompt_file)
     check_checkpoint(args.model, args.checkpoint_path)
     seeds = [args.seed + i for i in range(args.num_images)]
@@ -390,45 +376,45 @@ def main(args):
     return saved
 
 
+def add_generation_flags(parser, sampling=None):
+    """Flags of every generating script; sampling defaults: `sampling`'s, or None for the script to fill per model."""
+    for field in fields(Sampling):  # num_inference_steps, guidance_scale, max_sequence_length (T5 tokens)
+        parser.add_argument(f"--{field.name}", type=field.type, default=getattr(sampling, field.name, None),
+                            help=None if sampling else "default: the chosen model's (models.py)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
+    parser.add_argument("--save_format", choices=("png", "jpg"), default="png", help="jpg: quality 95, as the authors")
+    parser.add_argument("--vae_f8", action="store_true", help="the stock F=8 VAE instead of the F=16 one (baseline)")
+    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+
+
 def build_parser(model):
     """Argument parser of test_sd3.py / test_flux.py; the defaults are the paper's settings for `model`."""
-    d = DEFAULTS[model]
-    parser = argparse.ArgumentParser(
-        prog=SCRIPTS[model],
-        description=f"Generate 4K images with {d['name']} and the F=16 partitioned VAE (Diffusion-4K).")
+    spec = MODELS[model]
+    parser = argparse.ArgumentParser(prog=spec.script, description=f"Generate 4K images with {spec.title} and the "
+                                                                    f"F=16 partitioned VAE (Diffusion-4K).")
     parser.set_defaults(model=model)
-    parser.add_argument("--checkpoint_path", default=d["checkpoint_path"],
-                        help=f"local diffusers folder of {d['hub_repo']} (or a fine-tuned copy)")
+    parser.add_argument("--checkpoint_path", default=spec.checkpoint_path,
+                        help=f"local diffusers folder of {spec.hub_repo} (or a fine-tuned copy)")
     prompt = parser.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default=None, help="text prompt (default: built-in showcase prompts)")
     prompt.add_argument("--prompt_file", default=None, help="text file, one prompt per line")
-    if model == "sd3":
-        parser.add_argument("--negative_prompt", default="")  # SPEC §5: empty negative prompt
+    if spec.negative_prompt:
+        parser.add_argument("--negative_prompt", default="")  # the paper: an empty negative prompt
     parser.add_argument("--height", type=int, default=4096)
     parser.add_argument("--width", type=int, default=3072)  # the authors recommend 4096x3072 / 3072x4096
-    parser.add_argument("--guidance_scale", type=float, default=d["guidance_scale"])  # SPEC §5
-    parser.add_argument("--num_inference_steps", type=int, default=d["num_inference_steps"])  # SPEC §5
-    parser.add_argument("--max_sequence_length", type=int, default=d["max_sequence_length"], help="T5 tokens")
-    parser.add_argument("--seed", type=int, default=0)
+    add_generation_flags(parser, spec.inference)
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt, with seeds seed, seed+1, ...")
     parser.add_argument("--save_path", default="outputs")
-    parser.add_argument("--save_format", choices=("png", "jpg"), default="png")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images (otherwise refuse)")
     parser.add_argument("--vae_mode", choices=MODES, default="partitioned",
                         help="how the F=16 decoder's last layer runs (same image)")
     parser.add_argument("--grid", type=int, default=2, help="partitions per side for --vae_mode partitioned")
-    parser.add_argument("--vae_f8", action="store_true", help="use the stock F=8 VAE (baseline)")
-    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--device", default="cuda")
     return parser
 
 
 def cli(model, argv=None):
-    """Entry point of test_sd3.py / test_flux.py: parse, generate, report user errors without a traceback."""
+    """Entry point of test_sd3.py / test_flux.py: parse, generate, report a user's mistake without a traceback."""
     parser = build_parser(model)
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except UsageError as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return exit_on_usage_error(parser.prog, main, parser.parse_args(argv))

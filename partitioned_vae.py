@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
 
+from errors import UsageError
+
 MODES = ("full", "partitioned", "subpixel")
 SIZE_MULTIPLE = 32  # F=16 latents, then 2x2 patches (SD3 patch_size 2, Flux 2x2 packing)
 WEIGHT_FILES = (
@@ -156,7 +158,7 @@ def make_f16_vae(vae, mode="partitioned", grid=2):
 
 
 def check_size(height, width):
-    """Raise a ValueError naming the nearest valid sizes unless height and width are positive multiples of 32."""
+    """Raise a UsageError naming the nearest valid sizes unless height and width are positive multiples of 32."""
     problems = []
     for name, value in (("height", height), ("width", width)):
         if int(value) != value or value <= 0:
@@ -166,7 +168,7 @@ def check_size(height, width):
             choices = f"{below} or {above}" if below > 0 else f"{above}"
             problems.append(f"{name} {value} is not a multiple of {SIZE_MULTIPLE}: use {choices}")
     if problems:
-        raise ValueError("; ".join(problems) + " (the F=16 VAE with 2x2 latent patches needs multiples of 32).")
+        raise UsageError("; ".join(problems) + " (the F=16 VAE with 2x2 latent patches needs multiples of 32).")
 
 
 def use_f16_vae(pipe, mode="partitioned", grid=2):

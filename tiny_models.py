@@ -4,23 +4,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
+                       SD3Transformer2DModel, StableDiffusion3Pipeline)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel, T5TokenizerFast)
 
 # Latent normalisation of the real checkpoints (SPEC §2.1): kept so the tiny pipelines exercise the same code.
 VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
@@ -92,57 +79,28 @@ def build_tiny_vae(kind="sd3", seed=0):
     """The SD3/Flux VAE topology in miniature: 4 down/up blocks, 16 latent channels, no quant convs."""
     scaling, shift = VAE_FACTORS[kind]
     torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
-        layers_per_block=2,
-        latent_channels=16,
-        norm_num_groups=4,
-        sample_size=256,
-        scaling_factor=scaling,
-        shift_factor=shift,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+                         layers_per_block=2, latent_channels=16, norm_num_groups=4, sample_size=256,
+                         scaling_factor=scaling, shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False)
 
 
 def _clip_text_encoder(tokenizer, with_projection, seed):
     """A 2-layer CLIP text encoder sized for the tiny tokenizer."""
     torch.manual_seed(seed)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        projection_dim=32,
-        max_position_embeddings=CLIP_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_act="gelu",
-    )
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, projection_dim=32, max_position_embeddings=CLIP_MAX_LENGTH,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
 def _t5_text_encoder(tokenizer, seed):
     """A 2-layer T5 encoder; d_model 64 so that SD3's padded CLIP features (2 x 32) fit."""
     torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=len(tokenizer),
-        d_model=64,
-        d_kv=16,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        decoder_start_token_id=tokenizer.pad_token_id,
-    )
+    config = T5Config(vocab_size=len(tokenizer), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id)
     return T5EncoderModel(config)
 
 
@@ -151,30 +109,15 @@ def build_tiny_sd3_pipeline(seed=0):
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=32,
-        patch_size=2,
-        in_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        caption_projection_dim=32,
-        pooled_projection_dim=64,
-        out_channels=16,
-        pos_embed_max_size=96,
-    )
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+                                        pos_embed_max_size=96)
     return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=build_tiny_vae("sd3", seed + 1),
-        text_encoder=_clip_text_encoder(clip_tok, True, seed + 2),
-        tokenizer=clip_tok,
-        text_encoder_2=_clip_text_encoder(clip_tok, True, seed + 3),
-        tokenizer_2=build_clip_tokenizer(),
-        text_encoder_3=_t5_text_encoder(t5_tok, seed + 4),
-        tokenizer_3=t5_tok,
-    )
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=build_tiny_vae("sd3", seed + 1), text_encoder=_clip_text_encoder(clip_tok, True, seed + 2),
+        tokenizer=clip_tok, text_encoder_2=_clip_text_encoder(clip_tok, True, seed + 3),
+        tokenizer_2=build_clip_tokenizer(), text_encoder_3=_t5_text_encoder(t5_tok, seed + 4), tokenizer_3=t5_tok)
 
 
 def build_tiny_flux_pipeline(seed=0):
@@ -182,31 +125,14 @@ def build_tiny_flux_pipeline(seed=0):
     clip_tok = build_clip_tokenizer()
     t5_tok = build_t5_tokenizer()
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=64,
-        pooled_projection_dim=32,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )
-    return FluxPipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=build_tiny_vae("flux", seed + 1),
-        text_encoder=_clip_text_encoder(clip_tok, False, seed + 2),
-        tokenizer=clip_tok,
-        text_encoder_2=_t5_text_encoder(t5_tok, seed + 3),
-        tokenizer_2=t5_tok,
-    )
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=build_tiny_vae("flux", seed + 1),
+                        text_encoder=_clip_text_encoder(clip_tok, False, seed + 2), tokenizer=clip_tok,
+                        text_encoder_2=_t5_text_encoder(t5_tok, seed + 3), tokenizer_2=t5_tok)
 
 
 def save_tiny_pipelines(out_dir, seed=0):

@@ -1,8 +1,8 @@
-"""Shared core of train_sd3.py and train_flux.py: WLF fine-tuning of a diffusers transformer at 4K (SPEC §3-4).
+"""Shared core of train_sd3.py and train_flux.py: WLF fine-tuning of a diffusers transformer at 4K.
 
-The two scripts pass in only what is model-specific (how prompts become embeddings, how the transformer is
-called); everything else lives here: data, the text-embedding and latent caches, timestep sampling, the
-loss, the optimiser, checkpoints, validation images, logging and the command-line flags they share.
+What differs between the models (how prompts become embeddings, how the transformer is called, the defaults) is
+their record in models.py; everything else lives here: data, the text-embedding and latent caches, timestep
+sampling, the loss, the optimiser, checkpoints, validation images, logging and the command-line flags.
 """
 import argparse
 import csv
@@ -33,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+from errors import UsageError
 from imagefolder import load_image, read_metadata
+from models import max_image_side
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
 
@@ -45,16 +47,13 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError) 
 MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counted)
 
 
-class TrainingError(RuntimeError):
-    """A problem the user can fix (a flag, a file, the disk); the scripts print it without a traceback."""
-
-
 #################################################################################
 #                                     Data                                      #
 #################################################################################
 
 def preprocess(image, resolution, center_crop=False, flip=False, rng=None):
-    """SPEC §4: shorter side to `resolution` (bilinear), random or centre crop to a square, optional h-flip, [-1, 1].
+    """The authors' pre-processing (PROTOCOL.md, Training): shorter side to `resolution` (bilinear), random or
+    centre crop to a square, optional h-flip, [-1, 1].
 
     Returns a (3, resolution, resolution) float tensor.
     """
@@ -106,8 +105,8 @@ class TrainDataset(Dataset):
             sample.update(load_file(self.embedding_files[record["text"]]))
             sample["unreadable"] = unreadable
             return sample
-        raise TrainingError(f"None of the {len(self.records)} images in {self.data_dir} can be read: "
-                            f"{'; '.join(unreadable[:3])} ...")
+        raise UsageError(f"None of the {len(self.records)} images in {self.data_dir} can be read: "
+                         f"{'; '.join(unreadable[:3])} ...")
 
     def read_pixels(self, record, flip, rng):
         """The pre-processed image of `record`."""
@@ -159,27 +158,25 @@ class StreamSampler(Sampler):
 #                       Text-embedding and latent caches                        #
 #################################################################################
 
-def hash_files(root, patterns, digest=None):
-    """sha256 over the relative names and bytes of the files under `root` matching `patterns` (glob)."""
-    digest = digest or hashlib.sha256()
-    for path in sorted({p for pattern in patterns for p in Path(root).glob(pattern) if p.is_file()}):
+def hash_files(model_dir, patterns):
+    """sha256 hex digest of a folder's path and the relative names and bytes of its files matching `patterns`."""
+    root = Path(model_dir).resolve()
+    digest = hashlib.sha256(str(root).encode())
+    for path in sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()}):
         digest.update(path.relative_to(root).as_posix().encode())
         digest.update(path.read_bytes())
-    return digest
+    return digest.hexdigest()
 
 
 def text_encoder_identity(model_dir):
     """Identity of a pipeline's text encoders: its path and the configs / vocabularies of its encoders and
     tokenizers (never the weights, so the key can be computed without the encoders being there)."""
-    root = Path(model_dir).resolve()
-    digest = hashlib.sha256(str(root).encode())
-    return hash_files(root, ["text_encoder*/*.json", "tokenizer*/*"], digest).hexdigest()
+    return hash_files(model_dir, ["text_encoder*/*.json", "tokenizer*/*"])
 
 
 def vae_identity(model_dir):
     """Identity of a pipeline's VAE: its path and config."""
-    root = Path(model_dir).resolve()
-    return hash_files(root, ["vae/config.json"], hashlib.sha256(str(root).encode())).hexdigest()
+    return hash_files(model_dir, ["vae/config.json"])
 
 
 def cache_key(*parts):
@@ -280,15 +277,14 @@ def weighted_mse(pred, target, weighting):
     return (weighting * (pred - target) ** 2).mean()
 
 
-def build_loss(args):
-    """The training objective: WLF (SPEC §3.2, wavelet.WaveletLoss) or plain MSE."""
-    if args.loss == "wlf":
-        return WaveletLoss(args.wavelet_levels, args.wavelet_band_weights)
-    return weighted_mse
+def build_loss(loss, wavelet_levels=1, wavelet_band_weights=(1.0, 1.0, 1.0, 1.0)):
+    """The training objective: "wlf" (the paper's wavelet loss, wavelet.WaveletLoss) or "mse"."""
+    return WaveletLoss(wavelet_levels, wavelet_band_weights) if loss == "wlf" else weighted_mse
 
 
-def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, args, generator, model_dtype):
-    """The loss of one micro-batch: latents, noise at timesteps from `args.weighting_scheme`, prediction, target.
+def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype, weighting_scheme,
+                  logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=True):
+    """The loss of one micro-batch: latents, noise at timesteps drawn by `weighting_scheme`, prediction, target.
 
     z_t = (1 - sigma) x0 + sigma eps. Preconditioned (the authors' code): x0_hat = output * (-sigma) + z_t against
     x0; otherwise the velocity eps - x0 (paper eq. 3). Weighted per sample by compute_loss_weighting_for_sd3.
@@ -300,19 +296,37 @@ def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, args, ge
             latents = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist.sample(generator).float()
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
-    u = compute_density_for_timestep_sampling(args.weighting_scheme, latents.shape[0], args.logit_mean,
-                                              args.logit_std, args.mode_scale, latents.device, generator)
+    u = compute_density_for_timestep_sampling(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale,
+                                              latents.device, generator)
     indices = (u * scheduler.config.num_train_timesteps).long().cpu()
     timesteps = scheduler.timesteps[indices].to(latents.device)
     sigmas = scheduler.sigmas[indices].to(latents.device).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     embeddings = {name: batch[name].to(model_dtype) for name in batch if name.endswith("prompt_embeds")}
     output = predict(transformer, noisy.to(model_dtype), timesteps, embeddings).float()
-    if args.precondition_outputs:
+    if precondition_outputs:
         pred, target = output * (-sigmas) + noisy, latents
     else:
         pred, target = output, noise - latents
-    return loss_fn(pred, target, compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas))
+    return loss_fn(pred, target, compute_loss_weighting_for_sd3(weighting_scheme, sigmas))
+
+
+def update_weights(accelerator, transformer, optimizer, lr_scheduler, loss, max_grad_norm):
+    """Backward, then (on the last micro-batch of an accumulation) clip, step the optimiser and the schedule."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        accelerator.clip_grad_norm_(transformer.parameters(), max_grad_norm)  # DeepSpeed clips itself
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def check_finite(accelerator, loss, step, output_dir):
+    """Stop every process at the same step when any process's loss is not finite (before the weights change)."""
+    if not torch.isfinite(accelerator.gather(loss.detach())).all():
+        raise UsageError(f"The loss is not finite ({loss.item()}) at step {step + 1}: training stopped before "
+                         f"updating the weights; the last checkpoint in {output_dir} is intact. Lower --learning_rate "
+                         f"or check the data, then resume with --resume_from_checkpoint latest.")
 
 
 #################################################################################
@@ -327,30 +341,35 @@ def deepspeed_offloads_optimizer(accelerator):
     return zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
 
 
-def build_optimizer(params, args, accelerator):
-    """AdamW with the paper's settings (SPEC §4).
+def configure_deepspeed(accelerator, train_batch_size, max_grad_norm, use_8bit_adam):
+    """Make DeepSpeed's config follow the flags (no dataloader goes through prepare()); refuse one it would ignore."""
+    if use_8bit_adam and deepspeed_offloads_optimizer(accelerator):
+        raise UsageError("--use_8bit_adam cannot apply: the accelerate config (ds_config.yaml) offloads the optimizer "
+                         "to the CPU, where DeepSpeed runs its own AdamW (DeepSpeedCPUAdam). Drop the flag, or drop "
+                         "offload_optimizer_device from the accelerate config to use 8-bit Adam on the GPU.")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds_config.update(train_micro_batch_size_per_gpu=train_batch_size, gradient_clipping=max_grad_norm)
+
+
+def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
+    """AdamW with `settings` (lr, betas, eps, weight_decay; the paper's in PROTOCOL.md, Training).
 
     With DeepSpeed offloading the optimizer, its CPU AdamW (DeepSpeedCPUAdam, fp32 states in host memory) is the
     only choice: we build it ourselves so that betas and eps are ours too (accelerate's automatic swap keeps only
-    lr and weight decay), and --use_8bit_adam is ignored. Otherwise --use_8bit_adam takes bitsandbytes' AdamW8bit.
+    lr and weight decay). Otherwise use_8bit_adam takes bitsandbytes' AdamW8bit.
     """
-    settings = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-                    weight_decay=args.adam_weight_decay)
     if deepspeed_offloads_optimizer(accelerator):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        if args.use_8bit_adam:
-            logger.warning("--use_8bit_adam is ignored: DeepSpeed offloads the optimizer to the CPU, where it runs "
-                           "its own AdamW (DeepSpeedCPUAdam). For 8-bit Adam drop offload_optimizer_device from the "
-                           "accelerate config.")
         accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         return DeepSpeedCPUAdam(params, adamw_mode=True, **settings)
-    if args.use_8bit_adam:
+    if use_8bit_adam:
         try:
             import bitsandbytes
         except ImportError as error:
-            raise TrainingError("--use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`, CUDA GPUs only); "
-                                "install it or drop the flag to use torch's AdamW.") from error
+            raise UsageError("--use_8bit_adam needs bitsandbytes (`pip install bitsandbytes`, CUDA GPUs only); "
+                             "install it or drop the flag to use torch's AdamW.") from error
         return bitsandbytes.optim.AdamW8bit(params, **settings)
     return torch.optim.AdamW(params, **settings)
 
@@ -373,16 +392,33 @@ def find_checkpoint(output_dir, resume_from_checkpoint):
     path = Path(resume_from_checkpoint)
     path = path if path.is_dir() else Path(output_dir) / path
     if not (path / "trainer_state.json").is_file():
-        raise TrainingError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a checkpoint folder "
-                            f"written by this trainer (no trainer_state.json). Use 'latest' or a {CHECKPOINT_PREFIX}N "
-                            f"folder of {output_dir}.")
+        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a checkpoint folder "
+                         f"written by this trainer (no trainer_state.json). Use 'latest' or a {CHECKPOINT_PREFIX}N "
+                         f"folder of {output_dir}.")
     return path
+
+
+def resume(accelerator, output_dir, resume_from_checkpoint, problems):
+    """Remove unfinished checkpoints; load the one asked for (model, optimiser, schedule, problems); return its step."""
+    for unfinished in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp") if accelerator.is_main_process else []:
+        shutil.rmtree(unfinished)
+        logger.warning(f"Removed {unfinished}: a checkpoint whose writing was interrupted")
+    checkpoint = find_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
+    if checkpoint is None:
+        if resume_from_checkpoint:
+            logger.info(f"No checkpoint in {output_dir}: starting a new run")
+        return 0
+    accelerator.load_state(str(checkpoint))
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    problems.restore(state)
+    logger.info(f"Resumed from {checkpoint} at step {state['global_step']}")
+    return state["global_step"]
 
 
 def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None):
     """accelerator.save_state into checkpoint-N.tmp, then rename it to checkpoint-N, then prune the oldest.
 
-    A failed write (a full disk) removes the .tmp folder and raises TrainingError; older checkpoints are untouched.
+    A failed write (a full disk) removes the .tmp folder and raises UsageError; older checkpoints are untouched.
     """
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
     tmp = final.with_name(final.name + ".tmp")
@@ -402,8 +438,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=No
             shutil.rmtree(tmp, ignore_errors=True)
         previous = list_checkpoints(output_dir)
         kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingError(f"Could not write checkpoint {final} ({problems[0]}); {kept}. Free disk space in "
-                            f"{output_dir}, then resume with --resume_from_checkpoint latest.")
+        raise UsageError(f"Could not write checkpoint {final} ({problems[0]}); {kept}. Free disk space in "
+                         f"{output_dir}, then resume with --resume_from_checkpoint latest.")
     if accelerator.is_main_process:
         old = final.with_name(final.name + ".old")
         if final.exists():  # a re-run after resuming from an earlier step
@@ -451,21 +487,23 @@ def text_encoder_names(pretrained_dir):
     return [name for name in index if name.startswith("text_encoder")]
 
 
-def log_validation(accelerator, args, pipeline_class, transformer, vae, validation_inputs, step):
-    """Generate --num_validation_images with the stock pipeline (cached prompt embeddings, F=16 VAE); save PNGs."""
-    model, model_dir = accelerator.unwrap_model(transformer), args.pretrained_model_name_or_path
+def log_validation(accelerator, spec, model_dir, vae, embedding_files, dtype, folder, resolution, count, seed,
+                   transformer, step):
+    """`count` images from the stock pipeline (cached embeddings of the prompt and "", F=16 VAE) as PNGs in `folder`."""
+    positive, negative = ({k: v[None].to(dtype) for k, v in load_file(path, device=str(vae.device)).items()}
+                          for path in embedding_files)
+    model = accelerator.unwrap_model(transformer)
     no_text_encoders = {name: None for name in text_encoder_names(model_dir)}
-    pipe = pipeline_class.from_pretrained(model_dir, transformer=model, vae=vae, **no_text_encoders)
+    pipe = spec.pipeline_class.from_pretrained(model_dir, transformer=model, vae=vae, **no_text_encoders)
     use_f16_vae(pipe)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
+    generator = torch.Generator("cpu").manual_seed(seed)
     model.eval()
     # Under mixed precision the trained weights may be fp32 and the VAE bf16: autocast lets the two meet.
     with torch.autocast(vae.device.type, dtype=vae.dtype, enabled=vae.dtype != torch.float32):
-        images = [pipe(height=args.resolution, width=args.resolution, generator=generator,
-                       **validation_inputs).images[0] for _ in range(args.num_validation_images)]
+        images = [pipe(height=resolution, width=resolution, generator=generator,
+                       **spec.validation_kwargs(positive, negative)).images[0] for _ in range(count)]
     model.train()
-    folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
         image.save(folder / f"step-{step:06d}-{i}.png")
@@ -479,33 +517,56 @@ def log_validation(accelerator, args, pipeline_class, transformer, vae, validati
 
 
 #################################################################################
-#                                 Training loop                                 #
+#                     Setup, data, bookkeeping and logging                      #
 #################################################################################
 
-def check_args(args):
+def check_args(args, spec):
     """Fail at start, with the flag to fix, on settings that would otherwise fail hours in."""
     try:
         check_size(args.resolution, args.resolution)
-    except ValueError as error:
-        raise TrainingError(f"--resolution: {error}") from error
-    if not Path(args.pretrained_model_name_or_path, "model_index.json").is_file():
-        raise TrainingError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is not a local "
-                            f"diffusers pipeline folder (no model_index.json). Download the pipeline first, e.g. into "
-                            f"./pretrain/.")
+    except UsageError as error:
+        raise UsageError(f"--resolution: {error}") from None
+    model_dir = args.pretrained_model_name_or_path
+    if not Path(model_dir, "model_index.json").is_file():
+        raise UsageError(f"--pretrained_model_name_or_path {model_dir} is not a local diffusers pipeline folder (no "
+                         f"model_index.json). Download the pipeline first, e.g. into ./pretrain/.")
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
         if getattr(args, flag) < 1:
-            raise TrainingError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        raise TrainingError("--checkpoints_total_limit must be at least 1 (or left out to keep every checkpoint).")
+        raise UsageError("--checkpoints_total_limit must be at least 1 (or left out to keep every checkpoint).")
+    config = spec.transformer_class.load_config(model_dir, subfolder="transformer")
+    if max_image_side(config) and args.resolution > max_image_side(config):  # SD3's positional embedding
+        raise UsageError(f"--resolution {args.resolution} is too large for this transformer: its positional embedding "
+                         f"covers {config['pos_embed_max_size']} patches a side, i.e. {max_image_side(config)} pixels "
+                         f"with the F=16 VAE.")
 
 
-def check_positional_embedding(config, resolution):
-    """SD3's positional embedding covers pos_embed_max_size patches a side: refuse larger training images."""
-    max_patches = config.get("pos_embed_max_size")
-    max_pixels = max_patches * config["patch_size"] * 16 if max_patches else None
-    if max_pixels and resolution > max_pixels:
-        raise TrainingError(f"--resolution {resolution} is too large for this transformer: its positional embedding "
-                            f"covers {max_patches} patches a side, i.e. {max_pixels} pixels with the F=16 VAE.")
+def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, report_to):
+    """The run's Accelerator (precision: the flag, else accelerate's, else bf16); quiet transformers and diffusers."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        mixed_precision=mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16"),
+        log_with=None if report_to == "none" else report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    for library in (transformers, diffusers):
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    # Recent diffusers renamed `torch_dtype` to `dtype`; the older ones requirements.txt allows know only `torch_dtype`.
+    warnings.filterwarnings("ignore", message=".*`dtype` instead.*", category=FutureWarning)
+    return accelerator
+
+
+def load_transformer(spec, model_dir, dtype, gradient_checkpointing):
+    """The pipeline's transformer in `dtype`, every weight trainable, in training mode."""
+    transformer = spec.transformer_class.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
+    transformer.requires_grad_(True).train()
+    if gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer
 
 
 def describe_engine(accelerator, optimizer):
@@ -527,37 +588,87 @@ def gather_union(items):
     return sorted(set().union(*gather_object([sorted(items)])))
 
 
-def note_new(seen, items, what):
-    """Add the items not seen before to `seen`, with a warning for each (every image is reported once)."""
-    for item in sorted(set(items) - seen):
-        seen.add(item)
-        logger.warning(f"{what}: {item}", main_process_only=False)
-
-
 def warn_problems(what, problems):
     """Log a count and the first few examples of one kind of skipped input."""
     if problems:
-        more = " ..." if len(problems) > 5 else ""
-        logger.warning(f"{len(problems)} {what} skipped: " + "; ".join(problems[:5]) + more)
+        logger.warning(f"{len(problems)} {what} skipped: " + "; ".join(problems[:5]) + (" ..." if problems[5:] else ""))
 
 
-def write_summary(args, path, status, start_step, global_step, problems, caches, elapsed, images_per_step):
-    """train_summary.json: status, steps, losses, skipped and up-scaled inputs, caches, speed, settings."""
-    losses = read_losses(Path(args.output_dir) / "losses.csv")
-    trained = global_step - start_step
-    summary = {
-        "status": status, "steps": global_step, "resumed_from_step": start_step,
-        "max_train_steps": args.max_train_steps,
-        "final_loss": losses[-1] if losses else None, "losses": losses,
-        "skipped": {kind: len(items) for kind, items in problems.items() if kind != "upscaled_images"},
-        "upscaled_images": len(problems["upscaled_images"]),
-        "problems": {kind: items[:MAX_LISTED] for kind, items in problems.items()},
-        **caches, "seconds": round(elapsed, 3),
-        "images_per_second": round(trained * images_per_step / elapsed, 4) if elapsed > 0 and trained else None,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-    }
-    Path(path).write_text(json.dumps(summary, indent=2))
-    return summary
+class DataProblems:
+    """The inputs a run skips or up-scales: bad metadata lines and missing images (found at start), unreadable and
+    up-scaled images (by any process, each warned about once), merged over the processes when saved."""
+
+    def __init__(self, found):
+        self.metadata_lines, self.missing_images = found["metadata_lines"], found["missing_images"]
+        self.corrupt_images, self.upscaled_images = set(), set()
+
+    def note(self, batch):
+        """Add a batch's unreadable and up-scaled images, with a warning for each one not seen before."""
+        notes = ((self.corrupt_images, batch["unreadable"], "unreadable image skipped"),
+                 (self.upscaled_images, batch["upscaled"], "image smaller than --resolution, up-scaled"))
+        for seen, new, what in notes:
+            for item in sorted(set(new) - seen):
+                seen.add(item)
+                logger.warning(f"{what}: {item}", main_process_only=False)
+
+    def restore(self, trainer_state):
+        """Add the images a checkpoint's trainer_state.json lists."""
+        self.corrupt_images.update(trainer_state["corrupt_images"])
+        self.upscaled_images.update(trainer_state["upscaled_images"])
+
+    def gather(self):
+        """The image lists merged over every process (call it on all of them), as trainer_state.json holds them."""
+        return {"corrupt_images": gather_union(self.corrupt_images),
+                "upscaled_images": gather_union(self.upscaled_images)}
+
+    def summary(self, gathered):
+        """train_summary.json's counts and names (the first MAX_LISTED of each kind), from gather()'s lists."""
+        lists = {"metadata_lines": self.metadata_lines, "missing_images": self.missing_images, **gathered}
+        return {"skipped": {kind: len(items) for kind, items in lists.items() if kind != "upscaled_images"},
+                "upscaled_images": len(gathered["upscaled_images"]),
+                "problems": {kind: items[:MAX_LISTED] for kind, items in lists.items()}}
+
+
+def read_training_data(data_dir):
+    """The usable records of the imagefolder `data_dir` (--instance_data_dir) and the DataProblems of the others."""
+    try:
+        records, found = read_metadata(data_dir)
+    except FileNotFoundError as error:
+        raise UsageError(f"--instance_data_dir: {error}") from None
+    warn_problems("metadata lines", found["metadata_lines"])
+    warn_problems("missing images", found["missing_images"])
+    if not records:
+        bad, missing = found["metadata_lines"], found["missing_images"]
+        raise UsageError(f"No usable image in {data_dir}/metadata.jsonl: {len(bad)} bad lines, {len(missing)} missing "
+                         f"images ({'; '.join((bad + missing)[:3])}).")
+    return records, DataProblems(found)
+
+
+def embed_captions(accelerator, spec, model_dir, captions, cache_dir, max_sequence_length, dtype):
+    """Fill the text-embedding cache (main process of each node); returns ({caption: file}, captions embedded)."""
+    files = embedding_files(captions, cache_dir, text_encoder_identity(model_dir), max_sequence_length, dtype)
+    missing = sum(not path.is_file() for path in files.values())
+    logger.info(f"{missing} of {len(files)} captions are not in the embedding cache {Path(cache_dir) / 'embeddings'}: "
+                + ("loading the text encoders to embed them" if missing else "the text encoders are not loaded"))
+    embedded = 0
+    if accelerator.is_local_main_process:
+        loader = partial(load_text_encoders, spec.pipeline_class, model_dir, dtype, accelerator.device)
+        embedded = cache_embeddings(files, loader, spec.encode_prompts, max_sequence_length)
+    accelerator.wait_for_everyone()
+    return files, sum(gather_object([embedded]))
+
+
+def cache_training_latents(accelerator, vae, records, data_dir, files, resolution, problems):
+    """Fill the latent cache `files` (records split over the processes); returns the readable records."""
+    mine = records[accelerator.process_index::accelerator.num_processes]
+    unreadable = gather_union(cache_latents(vae, mine, data_dir, files, resolution))
+    problems.corrupt_images.update(unreadable)
+    bad = {problem.split(": ", 1)[0] for problem in unreadable}
+    records = [r for r in records if r["file_name"] not in bad]
+    warn_problems("unreadable images", unreadable)
+    if not records:
+        raise UsageError(f"None of the images in {data_dir} can be read.")
+    return records
 
 
 def read_losses(path):
@@ -569,95 +680,82 @@ def read_losses(path):
 
 
 def open_loss_log(path, keep_until_step):
-    """losses.csv (step, loss, lr) opened for appending, with the rows after `keep_until_step` dropped."""
+    """losses.csv (step, loss, lr) open for appending, rows after `keep_until_step` dropped; .writer writes rows."""
     rows = []
     if keep_until_step and Path(path).is_file():
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until_step]
     log = open(path, "w", newline="", buffering=1)
-    writer = csv.DictWriter(log, fieldnames=["step", "loss", "lr"])
-    writer.writeheader()
-    writer.writerows(rows)
-    return log, writer
+    log.writer = csv.DictWriter(log, fieldnames=["step", "loss", "lr"])
+    log.writer.writeheader()
+    log.writer.writerows(rows)
+    return log
 
 
-def train(args, pipeline_class, transformer_class, encode_prompts, predict, validation_kwargs):
-    """Fine-tune `transformer_class` of the pipeline at args.pretrained_model_name_or_path; see the module docstring.
+def log_step(accelerator, progress, loss_log, step, step_losses, lr):
+    """The step's loss (mean over micro-batches and processes) to the progress bar, the trackers and losses.csv."""
+    step_loss = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+    progress.update(1)
+    progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.2g}")
+    accelerator.log({"loss": step_loss, "lr": lr}, step=step)
+    if loss_log is not None:
+        loss_log.writer.writerow({"step": step, "loss": repr(step_loss), "lr": lr})
 
-    encode_prompts(pipe, prompts, max_sequence_length) -> {name ending in "prompt_embeds": (B, ...) tensor}
-    predict(transformer, noisy_latents (B, 16, h, w), timesteps (B,), embeddings) -> output (B, 16, h, w), the
-        transformer's raw prediction in the latent layout (Flux: unpacked)
-    validation_kwargs(embeddings, negative_embeddings) -> extra keyword arguments of the pipeline call
-    """
-    check_args(args)
+
+def write_summary(accelerator, args, status, step, problems, run):
+    """Merge the problems of all processes; write train_summary.json (main process) from `run`'s facts; return it."""
+    gathered = problems.gather()
+    if not accelerator.is_main_process:
+        return None
+    path = Path(args.output_dir) / "train_summary.json"
+    losses = read_losses(Path(args.output_dir) / "losses.csv")
+    elapsed, trained = time.time() - run["started"], step - run["resumed_from_step"]
+    summary = {
+        "status": status, "steps": step, "resumed_from_step": run["resumed_from_step"],
+        "max_train_steps": args.max_train_steps,
+        "final_loss": losses[-1] if losses else None, "losses": losses,
+        **problems.summary(gathered),
+        **run["caches"], "seconds": round(elapsed, 3),
+        "images_per_second": round(trained * run["images_per_step"] / elapsed, 4) if elapsed > 0 and trained else None,
+        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+    }
+    path.write_text(json.dumps(summary, indent=2))
+    logger.info(f"{status.split(':')[0]} at step {step}; skipped {summary['skipped']}, "
+                f"up-scaled {summary['upscaled_images']}; see {path}")
+    return summary
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def train(args, spec):
+    """Fine-tune the transformer of a `spec` (models.MODELS) pipeline; returns train_summary.json (main process)."""
+    # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
+    check_args(args, spec)
     model_dir, output_dir = args.pretrained_model_name_or_path, Path(args.output_dir)
-    check_positional_embedding(transformer_class.load_config(model_dir, subfolder="transformer"), args.resolution)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # Setup accelerate (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16"),
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for library in (transformers, diffusers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    # Recent diffusers renamed `torch_dtype` to `dtype`; the older ones requirements.txt allows know only `torch_dtype`.
-    warnings.filterwarnings("ignore", message=".*`dtype` instead.*", category=FutureWarning)
+    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
+    configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm, args.use_8bit_adam)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if is_deepspeed:
-        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_config["train_micro_batch_size_per_gpu"] = args.train_batch_size  # no dataloader goes through prepare()
-        ds_config["gradient_clipping"] = args.max_grad_norm
     set_seed(args.seed)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
 
-    # Setup data (every metadata line is checked now; images are decoded lazily):
-    try:
-        records, problems = read_metadata(args.instance_data_dir)
-    except FileNotFoundError as error:
-        raise TrainingError(f"--instance_data_dir: {error}") from None
-    warn_problems("metadata lines", problems["metadata_lines"])
-    warn_problems("missing images", problems["missing_images"])
-    if not records:
-        raise TrainingError(f"No usable image in {args.instance_data_dir}/metadata.jsonl: "
-                            f"{len(problems['metadata_lines'])} bad lines, {len(problems['missing_images'])} missing "
-                            f"images ({'; '.join((problems['metadata_lines'] + problems['missing_images'])[:3])}).")
-    problems.update(corrupt_images=[], upscaled_images=[])
+    # Setup data (every metadata line is checked now; images are decoded lazily), with the text-embedding cache:
+    records, problems = read_training_data(args.instance_data_dir)
     cache_dir = Path(args.data_cache_dir or output_dir / "cache")
-
-    # Cache text embeddings; the text encoders are loaded only for captions not cached yet (main process per node):
     validation_prompts = [args.validation_prompt, ""] if args.validation_prompt else []
     captions = list(dict.fromkeys([r["text"] for r in records] + validation_prompts))
-    identity = text_encoder_identity(model_dir)
-    files = embedding_files(captions, cache_dir, identity, args.max_sequence_length, weight_dtype)
-    missing = sum(not path.is_file() for path in files.values())
-    logger.info(f"{missing} of {len(files)} captions are not in the embedding cache {cache_dir / 'embeddings'}: "
-                + ("loading the text encoders to embed them" if missing else "the text encoders are not loaded"))
-    embedded = 0
-    if accelerator.is_local_main_process:
-        loader = partial(load_text_encoders, pipeline_class, model_dir, weight_dtype, device)
-        embedded = cache_embeddings(files, loader, encode_prompts, args.max_sequence_length)
-    accelerator.wait_for_everyone()
-    embedded = sum(gather_object([embedded]))
-
+    files, embedded = embed_captions(accelerator, spec, model_dir, captions, cache_dir, args.max_sequence_length,
+                                     weight_dtype)
     # Frozen F=16 VAE; optionally cache latents (centre crop and its mirror image), split over the processes:
     vae = load_f16_vae(model_dir, subfolder="vae", torch_dtype=weight_dtype).to(device).requires_grad_(False)
     latents = None
     if args.cache_latents:
         latents = latent_files(records, args.instance_data_dir, cache_dir, vae_identity(model_dir), args.resolution,
                                weight_dtype)
-        mine = records[accelerator.process_index::accelerator.num_processes]
-        unreadable = cache_latents(vae, mine, args.instance_data_dir, latents, args.resolution)
-        problems["corrupt_images"] = gather_union(unreadable)
-        bad = {problem.split(": ", 1)[0] for problem in problems["corrupt_images"]}
-        records = [r for r in records if r["file_name"] not in bad]
-        warn_problems("unreadable images", problems["corrupt_images"])
-        if not records:
-            raise TrainingError(f"None of the images in {args.instance_data_dir} can be read.")
+        records = cache_training_latents(accelerator, vae, records, args.instance_data_dir, latents, args.resolution,
+                                         problems)
         if not args.validation_prompt:
             vae.to("cpu")  # off the accelerator: only its config (latent scale and shift) is still needed
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
@@ -667,150 +765,96 @@ def train(args, pipeline_class, transformer_class, encode_prompts, predict, vali
     # Create the model, optimiser and learning-rate schedule:
     # DeepSpeed keeps fp32 master weights in its (offloaded) optimizer and runs the module in its precision: load it
     # in that precision (half the host memory per process). Plain accelerate trains fp32 weights under autocast.
-    transformer = transformer_class.from_pretrained(model_dir, subfolder="transformer",
-                                                    torch_dtype=weight_dtype if is_deepspeed else torch.float32)
-    transformer.requires_grad_(True).train()
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    optimizer = build_optimizer(transformer.parameters(), args, accelerator)
+    transformer = load_transformer(spec, model_dir, weight_dtype if is_deepspeed else torch.float32,
+                                   args.gradient_checkpointing)
+    guidance = args.guidance_scale if transformer.config.get("guidance_embeds") else None  # FLUX.1-dev: on
+    predict = partial(spec.predict, guidance_scale=guidance)
+    optimizer = build_optimizer(transformer.parameters(), accelerator, args.use_8bit_adam, lr=args.learning_rate,
+                                betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                                weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,  # stepped once per process, as in diffusers' examples
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model_dtype = accelerator.unwrap_model(transformer).dtype
-    loss_fn = build_loss(args)
+    loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights)
+    loss_settings = dict(weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                         mode_scale=args.mode_scale, precondition_outputs=args.precondition_outputs)
 
-    # Resume (model, optimiser, schedule from accelerate; the data stream and noise follow from the step):
-    start_step = 0
-    for unfinished in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp") if accelerator.is_main_process else []:
-        shutil.rmtree(unfinished)
-        logger.warning(f"Removed {unfinished}: a checkpoint whose writing was interrupted")
-    if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        if checkpoint is None:
-            logger.info(f"No checkpoint in {output_dir}: starting a new run")
-        else:
-            accelerator.load_state(str(checkpoint))
-            state = json.loads((checkpoint / "trainer_state.json").read_text())
-            start_step = state["global_step"]
-            problems["corrupt_images"] = sorted(set(problems["corrupt_images"]) | set(state["corrupt_images"]))
-            problems["upscaled_images"] = state["upscaled_images"]
-            logger.info(f"Resumed from {checkpoint} at step {start_step}")
+    # Resume (model, optimiser, schedule; the data stream and the noise follow from the step):
+    start_step = resume(accelerator, output_dir, args.resume_from_checkpoint, problems)
     world_batches = args.gradient_accumulation_steps * accelerator.num_processes
     sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
                             accelerator.num_processes, start_batch=start_step * world_batches)
     dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda")
-
-    validation_inputs = None
-    if args.validation_prompt:
-        positive, negative = (load_file(files[p], device=str(device)) for p in validation_prompts)
-        validation_inputs = validation_kwargs({k: v[None].to(weight_dtype) for k, v in positive.items()},
-                                              {k: v[None].to(weight_dtype) for k, v in negative.items()})
+    validate = partial(log_validation, accelerator, spec, model_dir, vae, [files[p] for p in validation_prompts],
+                       weight_dtype, output_dir / "validation", args.resolution, args.num_validation_images,
+                       args.seed) if args.validation_prompt else None
     accelerator.init_trackers("diffusion-4k", config={k: str(v) for k, v in vars(args).items()})
-    if accelerator.is_main_process:
-        loss_log, loss_writer = open_loss_log(output_dir / "losses.csv", start_step)
-    images_per_step = args.train_batch_size * world_batches
-    caches = {"text_encoders_loaded": embedded > 0, "captions_embedded": embedded, "captions": len(captions),
-              "train_images": len(records), "latents_cached": bool(args.cache_latents),
-              "engine": describe_engine(accelerator, optimizer)}
-    logger.info(f"{len(records)} images, {images_per_step} images per step ({args.train_batch_size} per device x "
-                f"{accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
+    loss_log = open_loss_log(output_dir / "losses.csv", start_step) if accelerator.is_main_process else None
+    run = {"resumed_from_step": start_step, "images_per_step": args.train_batch_size * world_batches,
+           "caches": {"text_encoders_loaded": embedded > 0, "captions_embedded": embedded, "captions": len(captions),
+                      "train_images": len(records), "latents_cached": bool(args.cache_latents),
+                      "engine": describe_engine(accelerator, optimizer)}}
+    logger.info(f"{len(records)} images, {run['images_per_step']} images per step ({args.train_batch_size} per "
+                f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
                 f"steps {start_step} -> {args.max_train_steps}, loss {args.loss}")
 
     # Training loop:
-    global_step, micro_step, step_losses, started = start_step, 0, [], time.time()
-    unreadable, upscaled = set(problems["corrupt_images"]), set(problems["upscaled_images"])
-
-    def summarize(status):
-        """Gather the problem counters of every process; write train_summary.json (main process)."""
-        problems["corrupt_images"], problems["upscaled_images"] = gather_union(unreadable), gather_union(upscaled)
-        if accelerator.is_main_process:
-            loss_log.flush()
-            summary = write_summary(args, output_dir / "train_summary.json", status, start_step, global_step, problems,
-                                    caches, time.time() - started, images_per_step)
-            logger.info(f"{status.split(':')[0]} at step {global_step}; skipped {summary['skipped']}, "
-                        f"up-scaled {summary['upscaled_images']}; see {output_dir / 'train_summary.json'}")
-            return summary
-
+    global_step, micro_step, step_losses, run["started"] = start_step, 0, [], time.time()
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     data = iter(dataloader)
     try:
         while global_step < args.max_train_steps:
             batch = next(data)
-            note_new(unreadable, batch["unreadable"], "unreadable image skipped")
-            note_new(upscaled, batch["upscaled"], "image smaller than --resolution, up-scaled")
+            problems.note(batch)
             batch = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v)}
             with accelerator.accumulate(transformer):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, device)
-                loss = training_loss(transformer, predict, batch, vae, scheduler, loss_fn, args, generator, model_dtype)
-                if not torch.isfinite(accelerator.gather(loss.detach())).all():  # every process stops here together
-                    raise TrainingError(
-                        f"The loss is not finite ({loss.item()}) at step {global_step + 1}: training stopped before "
-                        f"updating the weights; the last checkpoint in {output_dir} is intact. Lower --learning_rate "
-                        f"or check the data, then resume with --resume_from_checkpoint latest.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and not is_deepspeed:
-                    accelerator.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)  # DeepSpeed clips itself
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype,
+                                     **loss_settings)
+                check_finite(accelerator, loss, global_step, output_dir)  # every process stops here together
+                update_weights(accelerator, transformer, optimizer, lr_scheduler, loss, args.max_grad_norm)
             step_losses.append(loss.detach())
             micro_step += 1
             if not accelerator.sync_gradients:
                 continue
             global_step, micro_step = global_step + 1, 0
-            step_loss = accelerator.gather(torch.stack(step_losses).mean()).mean().item()
+            log_step(accelerator, progress, loss_log, global_step, step_losses, lr_scheduler.get_last_lr()[0])
             step_losses = []
-            lr = lr_scheduler.get_last_lr()[0]
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.2g}")
-            accelerator.log({"loss": step_loss, "lr": lr}, step=global_step)
-            if accelerator.is_main_process:
-                loss_writer.writerow({"step": global_step, "loss": repr(step_loss), "lr": lr})
             if global_step % args.checkpointing_steps == 0:
-                state = {"global_step": global_step, "corrupt_images": gather_union(unreadable),
-                         "upscaled_images": gather_union(upscaled)}
-                save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit)
-            if validation_inputs and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                log_validation(accelerator, args, pipeline_class, transformer, vae, validation_inputs, global_step)
-    except TrainingError as error:  # raised on every process at the same step (non-finite loss, failed checkpoint)
-        progress.close()
-        summarize(f"stopped: {error}")
-        if accelerator.is_main_process:
-            loss_log.close()
+                save_checkpoint(accelerator, output_dir, global_step, {"global_step": global_step, **problems.gather()},
+                                args.checkpoints_total_limit)
+            if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                validate(transformer, global_step)
+    except UsageError as error:  # raised on every process at the same step (non-finite loss, failed checkpoint)
+        write_summary(accelerator, args, f"stopped: {error}", global_step, problems, run)
         raise
-    progress.close()
-    summary = summarize("completed")
+    finally:
+        progress.close()
+        if loss_log is not None:
+            loss_log.close()
+    summary = write_summary(accelerator, args, "completed", global_step, problems, run)
 
     # Save the fine-tuned pipeline (the fine-tuned transformer + the original components):
     accelerator.wait_for_everyone()
     save_pipeline(accelerator, transformer, model_dir, output_dir)
-    if validation_inputs and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
-        log_validation(accelerator, args, pipeline_class, transformer, vae, validation_inputs, global_step)
+    if validate and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
+        validate(transformer, global_step)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if accelerator.is_main_process:
-        loss_log.close()
     logger.info(f"Saved the fine-tuned pipeline to {output_dir}")
-    return summary if accelerator.is_main_process else None
-
-
-def run(main, args):
-    """Call main(args); print a TrainingError as a plain message and exit with status 1."""
-    try:
-        main(args)
-    except TrainingError as error:
-        raise SystemExit(f"error: {error}") from None
+    return summary
 
 
 #################################################################################
 #                        Command-line flags of both trainers                    #
 #################################################################################
 
-def build_parser(description, max_sequence_length):
-    """The flags both trainers share, with diffusers' example names and the paper's defaults (SPEC §4)."""
+def build_parser(description, spec):
+    """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md, Training), per model from `spec`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder")
     p.add_argument("--instance_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)")
@@ -824,16 +868,18 @@ def build_parser(description, max_sequence_length):
     p.add_argument("--cache_latents", action="store_true",
                    help="encode each image once (centre crop and its mirror) and cache the latent distributions")
     p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--max_sequence_length", type=int, default=max_sequence_length, help="T5 tokens per caption")
+    p.add_argument("--max_sequence_length", type=int, default=spec.train_max_sequence_length,
+                   help="T5 tokens per caption (the authors' training scripts)")
     p.add_argument("--train_batch_size", type=int, default=8, help="per device (paper: SD3 8, Flux 4)")
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--gradient_checkpointing", action="store_true", help="recompute activations (paper: on)")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute activations in the backward pass (paper: on); off: faster, more memory")
     p.add_argument("--max_train_steps", type=int, default=20000, help="paper: 20,000")
     p.add_argument("--learning_rate", type=float, default=1e-6, help="paper: 1e-6")
     p.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization schedule (paper: constant)")
     p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--use_8bit_adam", action="store_true",
-                   help="bitsandbytes AdamW8bit; ignored when DeepSpeed offloads the optimizer (ds_config.yaml)")
+                   help="bitsandbytes AdamW8bit; refused when DeepSpeed offloads the optimizer (ds_config.yaml does)")
     p.add_argument("--adam_beta1", type=float, default=0.9)
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=1e-4)
@@ -841,7 +887,7 @@ def build_parser(description, max_sequence_length):
     p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (also DeepSpeed's)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: what `accelerate launch` says (ds_config.yaml: bf16), else bf16")
-    p.add_argument("--weighting_scheme", default="logit_normal",
+    p.add_argument("--weighting_scheme", default=spec.train_weighting_scheme,
                    choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
                    help="timestep density and loss weight (diffusers.training_utils)")
     p.add_argument("--logit_mean", type=float, default=0.0)
@@ -850,10 +896,13 @@ def build_parser(description, max_sequence_length):
     p.add_argument("--precondition_outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="the authors' x0 target (output * -sigma + z_t vs x0); "
                         "--no-precondition_outputs: velocity eps - x0")
-    p.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="wavelet loss (SPEC §3.2) or plain MSE")
+    if spec.train_guidance_scale is not None:
+        p.add_argument("--guidance_scale", type=float, default=spec.train_guidance_scale,
+                       help="guidance embedding value while training")
+    p.add_argument("--loss", choices=["wlf", "mse"], default="wlf", help="the paper's wavelet loss or plain MSE")
     p.add_argument("--wavelet_levels", type=int, default=1)
     p.add_argument("--wavelet_band_weights", type=parse_band_weights, default=(1.0, 1.0, 1.0, 1.0),
-                   help="LL,LH,HL,HH weights; equal weights make WLF equal to MSE (SPEC §3.4), e.g. 1,2,2,2 does not")
+                   help="LL,LH,HL,HH weights; equal ones make WLF equal to MSE (orthonormal Haar); 1,2,2,2 does not")
     p.add_argument("--checkpointing_steps", type=int, default=5000, help="authors: 5,000")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
@@ -862,3 +911,4 @@ def build_parser(description, max_sequence_length):
     p.add_argument("--num_validation_images", type=int, default=1)
     p.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
     return p
+

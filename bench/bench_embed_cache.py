@@ -2,7 +2,7 @@
 against the reference of holding every embedding in memory (what the authors' dataset does). Tiny SD3 encoders;
 each (N, mode) runs in a fresh subprocess so that its peak RSS is its own.
 
-    python bench/bench_embed_cache.py [--counts 100 300 1000]
+    python -m bench.bench_embed_cache [--counts 100 300 1000]
 """
 import argparse
 import json
@@ -14,8 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+ROOT = Path(__file__).resolve().parents[1]
 # Real per-caption embedding sizes in bf16 (SPEC §4, §7): SD3 (77 CLIP + 77 T5 tokens) x 4096 + pooled 2048;
 # Flux 512 T5 tokens x 4096 + pooled 768. Aesthetic-4K train has 12,015 captions.
 REAL_BYTES_PER_CAPTION = {"sd3": (154 * 4096 + 2048) * 2, "flux": (512 * 4096 + 768) * 2}
@@ -46,25 +45,25 @@ def reset_peak_rss():
 def child(args):
     """Embed args.n captions in this process (cache or memory mode); print one JSON line with the peak RSS."""
     import torch
-    from diffusers import StableDiffusion3Pipeline
 
-    import train_sd3
     import training
+    from models import MODELS
 
     torch.set_num_threads(1)
     texts = captions(args.n)
-    load = partial(training.load_text_encoders, StableDiffusion3Pipeline, args.checkpoint, torch.float32, "cpu")
+    sd3 = MODELS["sd3"]
+    load = partial(training.load_text_encoders, sd3.pipeline_class, args.checkpoint, torch.float32, "cpu")
     reset_peak_rss()  # after the imports, whose transient peak would otherwise hide everything else
     baseline, start = rss_mib("VmRSS"), time.perf_counter()
     if args.mode == "cache":
         files = training.embedding_files(texts, args.cache_dir, "bench", 77, torch.float32)
-        training.cache_embeddings(files, load, train_sd3.encode_prompts, 77)
+        training.cache_embeddings(files, load, sd3.encode_prompts, 77)
         stored = sum(f.stat().st_size for f in files.values())
     else:  # reference: every caption's embeddings kept in host memory, as the authors' dataset holds them
         pipe, held = load(), []
         for i in range(0, len(texts), training.ENCODE_BATCH_SIZE):
             with torch.no_grad():
-                out = train_sd3.encode_prompts(pipe, texts[i:i + training.ENCODE_BATCH_SIZE], 77)
+                out = sd3.encode_prompts(pipe, texts[i:i + training.ENCODE_BATCH_SIZE], 77)
             held += [{k: v[j].clone() for k, v in out.items()} for j in range(len(out["prompt_embeds"]))]
         stored = sum(t.numel() * t.element_size() for item in held for t in item.values())
     seconds, peak = time.perf_counter() - start, rss_mib("VmHWM")
@@ -73,10 +72,11 @@ def child(args):
                       "seconds": round(seconds, 2)}))
 
 
-def run_child(script, checkpoint, cache_dir, n, mode):
+def run_child(checkpoint, cache_dir, n, mode):
     """One fresh subprocess; returns its JSON result."""
-    out = subprocess.run([sys.executable, script, "--child", "--n", str(n), "--mode", mode, "--checkpoint",
-                          str(checkpoint), "--cache_dir", str(cache_dir)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_embed_cache", "--child", "--n", str(n), "--mode", mode,
+                          "--checkpoint", str(checkpoint), "--cache_dir", str(cache_dir)], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -90,7 +90,7 @@ def main(args):
         results = {}
         for n in args.counts:
             for mode in ("cache", "memory"):
-                result = results[n, mode] = run_child(__file__, checkpoint, Path(tmp) / f"cache-{n}", n, mode)
+                result = results[n, mode] = run_child(checkpoint, Path(tmp) / f"cache-{n}", n, mode)
                 print(json.dumps(result))
         low, high = min(args.counts), max(args.counts)
         for mode in ("cache", "memory"):

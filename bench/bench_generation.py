@@ -14,18 +14,17 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel,
                        SD3Transformer2DModel, StableDiffusion3Pipeline)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_generation.py`
-from bench.flops import flux_transformer_flops, image_tokens, peak_flops, sd3_transformer_flops  # noqa: E402
-from generation import DEFAULTS, generate, load_pipeline  # noqa: E402
-from partitioned_vae import MODES, use_f16_vae  # noqa: E402
-from tiny_models import VAE_FACTORS, build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipelines  # noqa: E402
+from bench.flops import flux_transformer_flops, image_tokens, peak_flops, sd3_transformer_flops
+from generation import generate, load_pipeline
+from models import MODELS
+from partitioned_vae import MODES, use_f16_vae
+from tiny_models import VAE_FACTORS, build_clip_tokenizer, build_t5_tokenizer, save_tiny_pipelines
 
 # Short enough for the tiny CLIP tokenizer's 77 tokens (it spells unknown words byte by byte).
 PROMPT = "a photo of a red castle on a mountain lake at sunset, highly detailed"
@@ -36,6 +35,9 @@ PAPER_A100 = {("sd3", "none"): (1.16, 31.3), ("sd3", "model"): (1.22, 16.1),
 H100_TARGETS = {("sd3", "none"): (0.30, 24.0), ("sd3", "model"): (None, 12.0),
                 ("flux", "none"): (0.80, 40.0), ("flux", "model"): (None, 26.0)}
 # Parameter counts of the released models (billions; transformers from SPEC §7, encoders from their model cards).
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)  # SD3-medium's transformer
 REFERENCE_PARAMS_B = {"sd3.transformer": 2.0, "flux.transformer": 11.9, "t5-xxl encoder": 4.76, "clip-g": 0.69,
                       "clip-l": 0.12, "vae": 0.084}
 
@@ -85,10 +87,7 @@ def full_size_models(model, clip_tok, t5_tok):
     """Random-weight networks of SD3-medium or FLUX.1-dev (SPEC §7), built on the current default device and dtype."""
     if model == "sd3":
         return {
-            "transformer": SD3Transformer2DModel(
-                sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+            "transformer": SD3Transformer2DModel(**SD3_MEDIUM),
             "vae": full_size_vae("sd3"),
             "text_encoder": CLIPTextModelWithProjection(clip_config(clip_tok, 768, 12, 12, "quick_gelu")),
             "text_encoder_2": CLIPTextModelWithProjection(clip_config(clip_tok, 1280, 32, 20, "gelu")),
@@ -151,16 +150,16 @@ def step_flops(model, config, height, width, guidance_scale):
     """Analytic transformer FLOPs of one denoising step (SD3 runs CFG as a batch of 2)."""
     tokens = image_tokens(height, width)
     if model == "sd3":
-        return sd3_transformer_flops(config, tokens, 77 + DEFAULTS["sd3"]["max_sequence_length"],
+        return sd3_transformer_flops(config, tokens, 77 + MODELS["sd3"].inference.max_sequence_length,
                                      batch=2 if guidance_scale > 1 else 1)
-    return flux_transformer_flops(config, tokens, DEFAULTS["flux"]["max_sequence_length"])
+    return flux_transformer_flops(config, tokens, MODELS["flux"].inference.max_sequence_length)
 
 
 def time_steps(pipe, model, height, width, steps, peak, offload, baseline):
     """One generation of steps+1 steps (the first is warm-up); returns the JSON record."""
-    guidance = DEFAULTS[model]["guidance_scale"]
+    guidance = MODELS[model].inference.guidance_scale
     _, t = generate(pipe, PROMPT, height, width, steps + 1, guidance, seed=0,
-                    max_sequence_length=DEFAULTS[model]["max_sequence_length"])
+                    max_sequence_length=MODELS[model].inference.max_sequence_length)
     s_per_step = statistics.median(t["step_s"][1:])
     flops = step_flops(model, pipe.transformer.config, height, width, guidance)
     paper = PAPER_A100[model, offload] if (height, width) == (4096, 4096) else (None, None)
@@ -246,7 +245,7 @@ def main(args):
             emit({"bench": "architecture", "model": model, "component": name, "params_b": round(billions, 3),
                   "reference_b": REFERENCE_PARAMS_B[name], "ratio": ratio(billions, REFERENCE_PARAMS_B[name])})
         for height, width in ((4096, 4096), (4096, 3072)):
-            flops = step_flops(model, transformer.config, height, width, DEFAULTS[model]["guidance_scale"])
+            flops = step_flops(model, transformer.config, height, width, MODELS[model].inference.guidance_scale)
             target = H100_TARGETS[model, "none"][0] if (height, width) == (4096, 4096) else None
             emit({"bench": "analytic", "model": model, "size": f"{height}x{width}",
                   "step_tflop": round(flops / 1e12, 2), "target_s_per_step": target,

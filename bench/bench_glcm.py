@@ -2,15 +2,13 @@
 (skimage graycomatrix + shannon_entropy per 64×64 patch, one process), on natural photos (skimage.data) upscaled
 to 2048² and 4096², all timed in the same run. Every mode must give the reference's patch scores (to 1e-12).
 
-    python bench/bench_glcm.py [--sizes 2048 4096] [--workers N]
+    python -m bench.bench_glcm [--sizes 2048 4096] [--workers N]
 """
 import argparse
 import json
 import multiprocessing
 import os
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,8 +17,7 @@ from skimage import data
 from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import shannon_entropy
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_glcm.py`
-import detail_metrics as dm  # noqa: E402
+import detail_metrics as dm
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 IMAGES = []  # filled before the worker processes fork, so that they receive indices, not 50 MB arrays

@@ -1,37 +1,28 @@
-"""One SD3 WLF training step (training.py's loss, train_sd3's transformer call, AdamW): seconds per step, images/s,
+"""One SD3 WLF training step (training.py's loss, models.py's SD3 transformer call, AdamW): seconds per step, images/s,
 peak memory (over all cases) and MFU. On a GPU: SD3-medium size (SPEC §7, random weights), 4096², batch 1, bf16
 autocast, gradient checkpointing. --smoke: the tiny model on the CPU at 256². Reference in the same run: plain MSE.
 
-    python bench/bench_train_step.py            # needs a CUDA GPU (target: >= 0.59 images/s on one H100)
-    python bench/bench_train_step.py --smoke    # CPU, tiny model: checks the path, says nothing about 4K speed
+    python -m bench.bench_train_step            # needs a CUDA GPU (target: >= 0.59 images/s on one H100)
+    python -m bench.bench_train_step --smoke    # CPU, tiny model: checks the path, says nothing about 4K speed
 """
 import argparse
 import json
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import train_sd3  # noqa: E402
-import training  # noqa: E402
-from flops import image_tokens, peak_flops, sd3_transformer_flops  # noqa: E402
-from partitioned_vae import make_f16_vae  # noqa: E402
-from tiny_models import build_tiny_sd3_pipeline  # noqa: E402
+import training
+from bench.bench_generation import SD3_MEDIUM, full_size_vae
+from bench.flops import image_tokens, peak_flops, sd3_transformer_flops
+from errors import UsageError, exit_on_usage_error
+from models import MODELS
+from partitioned_vae import make_f16_vae
+from tiny_models import build_tiny_sd3_pipeline
 
-# SPEC §7: SD3-medium transformer and the SD3 VAE topology.
-SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
-SD3_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-               latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-               use_post_quant_conv=False)
 TEXT_TOKENS = 77 + 77  # CLIP 77 + the authors' T5 length 77
 PAPER_IMAGES_PER_SECOND = 0.59  # Table 10: SD3-2B at 4096² on 2x A800-80G
 
@@ -43,22 +34,23 @@ def build_models(smoke, device):
         transformer, vae = pipe.transformer, pipe.vae
     else:
         torch.manual_seed(0)
-        transformer, vae = SD3Transformer2DModel(**SD3_MEDIUM), AutoencoderKL(**SD3_VAE)
+        transformer, vae = SD3Transformer2DModel(**SD3_MEDIUM), full_size_vae("sd3")
     make_f16_vae(vae)
     return transformer.to(device).train(), vae.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
-def timed_step(transformer, vae, optimizer, scheduler, args, batch, step, device):
-    """Seconds of one optimiser step: training.training_loss (train_sd3's transformer call), backward, clip, AdamW."""
+def timed_step(transformer, vae, optimizer, scheduler, objective, batch, step, device):
+    """Seconds of one optimiser step: training.training_loss (SD3's transformer call), backward, clip, AdamW."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    generator = training.step_generator(args.seed, step, 0, 0, device)
+    generator = training.step_generator(0, step, 0, 0, device)
+    sd3 = MODELS["sd3"]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        loss = training.training_loss(transformer, train_sd3.predict, batch, vae, scheduler, training.build_loss(args),
-                                      args, generator, torch.float32)
+        loss = training.training_loss(transformer, sd3.predict, batch, vae, scheduler, training.build_loss(objective),
+                                      generator, torch.float32, sd3.train_weighting_scheme)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(transformer.parameters(), args.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)  # the trainer's --max_grad_norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -77,7 +69,7 @@ def main(args):
     diffusers.utils.logging.set_verbosity_error()
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("No CUDA GPU: run with --smoke for the CPU path (tiny model), or on a GPU machine.")
+        raise UsageError("No CUDA GPU: run with --smoke for the CPU path (tiny model), or on a GPU machine.")
     if args.smoke:
         torch.set_num_threads(args.threads)
     resolution = args.resolution or (256 if args.smoke else 4096)
@@ -97,16 +89,13 @@ def main(args):
     cases = {"wlf, cached latents": ("wlf", {"latent_dist": latent_dist, **embeddings}),
              "mse, cached latents": ("mse", {"latent_dist": latent_dist, **embeddings}),
              "wlf, VAE encode in the step": ("wlf", {"pixels": pixels, **embeddings})}
-    train_args = {name: train_sd3.parse_args(["--pretrained_model_name_or_path", ".", "--instance_data_dir", ".",
-                                              "--loss", loss, "--resolution", str(resolution)])
-                  for name, (loss, _) in cases.items()}
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-6, weight_decay=1e-4)  # the paper's AdamW
     # Rounds of one step per case, the first one a warm-up: a machine's load drifts alike over every case.
     times = {name: [] for name in cases}
     for step in range(args.steps + 1):
-        for name, (_, batch) in cases.items():
-            seconds = timed_step(transformer, vae, optimizer, scheduler, train_args[name], batch, step, device)
+        for name, (objective, batch) in cases.items():
+            seconds = timed_step(transformer, vae, optimizer, scheduler, objective, batch, step, device)
             times[name].append(seconds)
     results = {}
     for name in cases:
@@ -140,4 +129,4 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case after one warm-up round")
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for --smoke")
-    main(parser.parse_args())
+    exit_on_usage_error("bench_train_step", main, parser.parse_args())

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from partitioned_vae import MODES, PartitionedConv, make_f16_vae  # noqa: E402
+from partitioned_vae import MODES, PartitionedConv, make_f16_vae
+
+ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GIB = 2 ** 30
@@ -99,7 +100,8 @@ def measure_cpu(kind, mode, size, dtype, grid):
 def run_cpu(kind, mode, size, dtype, grid):
     """`measure_cpu` in a fresh interpreter, so ru_maxrss is that measurement's own high-water mark."""
     spec = {"kind": kind, "mode": mode, "size": size, "dtype": dtype, "grid": grid}
-    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(spec)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "bench.bench_vae", "--measure", json.dumps(spec)], cwd=ROOT,
+                          capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"measurement {spec} failed:\n{done.stderr[-2000:]}")
     return {**spec, "device": "cpu", **json.loads(done.stdout.strip().splitlines()[-1])}

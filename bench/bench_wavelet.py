@@ -1,18 +1,15 @@
 """Time the WLF loss (forward + backward) against F.mse_loss on an SD3 4K latent; prints JSON lines."""
 import argparse
 import json
-import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wavelet import WaveletLoss, haar_dwt2d  # noqa: E402
+from wavelet import WaveletLoss, haar_dwt2d
 
 
 def explicit_wlf(pred, target, band_weights=(1.0, 1.0, 1.0, 1.0)):

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from eval import compression_ratio
+from detail_metrics import compression_ratio
+from errors import UsageError
 from fid_metrics import (add_fid_images, aesthetic_scores, clip_scores, count_truncated, fid_tensor,
                          load_aesthetic_clip, load_aesthetic_head, load_clip_score_model, load_fid, read_eval_set)
 from generate_and_eval_fid import main, parse_args
@@ -169,7 +170,7 @@ def test_two_processes_resume_a_killed_run_with_the_same_images_and_metrics(sing
 def test_missing_or_wrong_metric_file_is_reported_before_generation(tiny_ckpts, eval_set, metric_files, tmp_path):
     head = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, tmp_path / "out", {**metric_files, "aesthetic_head": head}))
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(UsageError) as error:
         main(args)
     assert "--aesthetic_head" in str(error.value) and "improved-aesthetic-predictor" in str(error.value)
     torch.save({"weight": torch.zeros(1, 768)}, head)  # a file, but not the aesthetic MLP
@@ -270,5 +271,5 @@ def test_eval_set_reads_prompts_and_real_images_next_to_the_jsonl(eval_set, tmp_
     assert samples[1]["real_image"] == eval_set.parent / "images" / "coffee.jpg"
     broken = tmp_path / "metadata.jsonl"
     broken.write_text(json.dumps({"file_name": "images/missing.jpg", "text": "a cat"}) + "\n")
-    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+    with pytest.raises(UsageError, match="missing.jpg"):
         read_eval_set(broken)

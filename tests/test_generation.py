@@ -13,8 +13,10 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.flops import flux_transformer_flops, sd3_transformer_flops
-from generation import (DEFAULTS, UsageError, build_parser, check_resolution, cli, load_pipeline, main, output_stem,
-                        read_metadata, read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
+from errors import UsageError
+from generation import (build_parser, check_resolution, cli, load_pipeline, main, output_stem, read_image_settings,
+                        read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
+from models import MODELS
 
 PROMPT = "a photo of a red castle under clouds, highly detailed"
 KINDS = ["sd3", "flux"]
@@ -56,14 +58,14 @@ def test_exact_sizes_seeds_settings_and_overwrite(tiny_ckpts, tmp_path, kind):
     # Every setting is in the sidecar, and the same settings are embedded in the image.
     sidecar = json.loads(sidecar_path(wide[1]).read_text())
     expected = {"model": kind, "prompt": PROMPT, "seed": 1, "height": 384, "width": 512, "num_inference_steps": 2,
-                "guidance_scale": DEFAULTS[kind]["guidance_scale"], "vae": "F16", "vae_mode": "partitioned",
-                "dtype": "fp32", "max_sequence_length": DEFAULTS[kind]["max_sequence_length"]}
+                "guidance_scale": MODELS[kind].inference.guidance_scale, "vae": "F16", "vae_mode": "partitioned",
+                "dtype": "fp32", "max_sequence_length": MODELS[kind].inference.max_sequence_length}
     assert expected.items() <= sidecar.items()
     assert len(sidecar["timings"]["step_s"]) == 2
-    assert read_metadata(wide[1]) == {k: v for k, v in sidecar.items() if k not in ("image", "timings")}
+    assert read_image_settings(wide[1]) == {k: v for k, v in sidecar.items() if k not in ("image", "timings")}
     name = wide[1].name
     assert name.startswith(f"{kind}_a-photo-of-a-red-castle") and name.endswith(".png")
-    assert f"h384-w512_g{DEFAULTS[kind]['guidance_scale']:g}_seed1" in name
+    assert f"h384-w512_g{MODELS[kind].inference.guidance_scale:g}_seed1" in name
 
 
 def test_vae_modes_give_the_same_image(tiny_ckpts, tmp_path):
@@ -71,7 +73,7 @@ def test_vae_modes_give_the_same_image(tiny_ckpts, tmp_path):
     for mode in ("partitioned", "subpixel", "full"):
         (path,) = run("sd3", tiny_ckpts["sd3"], tmp_path / mode, "--height", "256", "--width", "320",
                       "--vae_mode", mode, "--grid", "3")
-        assert read_metadata(path)["vae_mode"] == mode
+        assert read_image_settings(path)["vae_mode"] == mode
         images[mode] = pixels(path)
     assert np.abs(images["partitioned"] - images["full"]).max() <= 1
     assert np.abs(images["subpixel"] - images["full"]).max() <= 1
@@ -106,7 +108,7 @@ def test_both_clis_run_as_scripts(tiny_ckpts, tmp_path, repo_root):
         assert "s/step" in out and "| 2/2 [" in err  # timings, and diffusers' progress bar over the 2 steps
         (image,) = (tmp_path / kind).glob("*.jpg")
         assert Image.open(image).size == (384, 512)
-        assert read_metadata(image)["dtype"] == "bf16" and json.loads(sidecar_path(image).read_text())["model"] == kind
+        assert read_image_settings(image)["dtype"] == "bf16" and json.loads(sidecar_path(image).read_text())["model"] == kind
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def test_save_image_embeds_metadata_and_refuses_to_overwrite(tmp_path, suffix):
     with Image.open(path) as image:
         raw = image.text["settings"] if suffix == ".png" else image.info["comment"].decode("utf-8")
         assert image.size == (64, 32)
-    assert json.loads(raw) == metadata == read_metadata(path)
+    assert json.loads(raw) == metadata == read_image_settings(path)
     assert json.loads(sidecar_path(path).read_text()) == {"image": path.name, **metadata, "timings": {"total_s": 1.0}}
     with pytest.raises(FileExistsError, match="--overwrite"):
         save_image(Image.new("RGB", (8, 8)), path, metadata)
@@ -306,7 +308,7 @@ def test_flux_flops_equal_the_products_the_model_runs(guidance_embeds):
 
 @pytest.mark.slow
 def test_bench_smoke_prints_every_field(repo_root):
-    result = subprocess.run([sys.executable, "bench/bench_generation.py", "--smoke"], cwd=repo_root,
+    result = subprocess.run([sys.executable, "-m", "bench.bench_generation", "--smoke"], cwd=repo_root,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

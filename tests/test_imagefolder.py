@@ -4,6 +4,7 @@ import json
 import pytest
 from PIL import Image
 
+from errors import UsageError
 from fid_metrics import read_eval_set
 from imagefolder import load_image, read_metadata
 
@@ -30,7 +31,7 @@ def test_reader_keeps_good_lines_and_names_every_skipped_one(folder):
 def test_eval_set_refuses_what_training_would_skip(folder):
     with pytest.raises(ValueError, match="2 unusable line.*line 2"):
         read_eval_set(folder / "metadata.jsonl")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UsageError, match="does not exist"):
         read_eval_set(folder / "nothing.jsonl")
     with pytest.raises(FileNotFoundError):
         read_metadata(folder / "sub")

@@ -5,6 +5,11 @@ import subprocess
 
 import pytest
 
+import train_flux
+import train_sd3
+
+TRAINERS = {"train_sd3.sh": train_sd3, "train_flux.sh": train_flux}
+
 
 def _launch(repo_root, tmp_path, script, **env):
     """Run a launch script with an `accelerate` on PATH that records its arguments instead of training."""
@@ -24,8 +29,8 @@ def _flag(args, name):
 
 
 @pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len", [
-    ("train_sd3.sh", "8", "2", "2", "77"),
-    ("train_flux.sh", "4", "8", "1", "512"),
+    ("train_sd3.sh", "8", "2", "2", 77),
+    ("train_flux.sh", "4", "8", "1", 512),
 ])
 def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, per_device, processes, accumulation,
                                                  seq_len):
@@ -36,10 +41,12 @@ def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, pe
     assert _flag(args, "--train_batch_size") == per_device
     assert _flag(args, "--gradient_accumulation_steps") == accumulation
     assert int(per_device) * int(processes) * int(accumulation) == 32
-    assert (_flag(args, "--resolution"), _flag(args, "--learning_rate"), _flag(args, "--max_train_steps"),
-            _flag(args, "--checkpointing_steps")) == ("4096", "1e-6", "20000", "5000")
-    assert _flag(args, "--max_sequence_length") == seq_len
-    assert ("--guidance_scale" in args) == (script == "train_flux.sh")
+    trainer = TRAINERS[script]
+    flags = trainer.parse_args(args[args.index(str(repo_root / trainer.__name__) + ".py") + 1:])  # what the run gets
+    assert (flags.resolution, flags.learning_rate, flags.lr_scheduler, flags.max_train_steps,
+            flags.checkpointing_steps, flags.gradient_checkpointing) == (4096, 1e-6, "constant", 20000, 5000, True)
+    assert flags.max_sequence_length == seq_len
+    assert getattr(flags, "guidance_scale", None) == (3.5 if script == "train_flux.sh" else None)
     assert args[-2:] == ["--report_to", "none"]
 
 

@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skdata
@@ -20,6 +22,7 @@ from torchvision import transforms
 import train_flux
 import train_sd3
 import training
+from errors import UsageError
 from generation import load_pipeline
 from partitioned_vae import load_f16_vae
 
@@ -257,13 +260,13 @@ def test_a_data_set_without_usable_lines_fails_at_start(tiny_ckpts, tmp_path):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     (data_dir / "metadata.jsonl").write_text('{"text": "a cat"}\n{"file_name": "x.png", "text": "a cat"}\n')
-    with pytest.raises(training.TrainingError, match="No usable image.*1 bad lines, 1 missing"):
+    with pytest.raises(UsageError, match="No usable image.*1 bad lines, 1 missing"):
         train("sd3", tiny_ckpts["sd3"], data_dir, tmp_path / "out")
 
 
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_ckpts, dataset, cache_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(training.TrainingError, match="not finite.*step 2"):
+    with pytest.raises(UsageError, match="not finite.*step 2"):
         train("sd3", tiny_ckpts["sd3"], dataset, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
               "--learning_rate", "1e30", cache=cache_dir)  # step 1 blows the weights up, step 2's loss is NaN
     assert [p.name for _, p in training.list_checkpoints(out)] == ["checkpoint-1"]
@@ -284,7 +287,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # any file over 4 KB fails to write, as on a full disk
     try:
-        with pytest.raises(training.TrainingError, match="checkpoint-2.*checkpoint-1 is intact"):
+        with pytest.raises(UsageError, match="checkpoint-2.*checkpoint-1 is intact"):
             training.save_checkpoint(accelerator, tmp_path, 2, {"global_step": 2}, total_limit=1)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
@@ -292,3 +295,13 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
     accelerator.load_state(str(tmp_path / "checkpoint-1"))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key])
+
+
+def test_use_8bit_adam_is_refused_where_deepspeed_would_ignore_it():
+    config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}  # ds_config.yaml's ZeRO-2
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+    with pytest.raises(UsageError, match="--use_8bit_adam.*offloads the optimizer"):
+        training.configure_deepspeed(accelerator, 2, 1.0, use_8bit_adam=True)
+    training.configure_deepspeed(accelerator, 2, 0.5, use_8bit_adam=False)
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]) == (2, 0.5)

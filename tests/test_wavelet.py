@@ -299,9 +299,10 @@ def test_cuda_matches_cpu():
 
 
 def test_bench_runs_small_and_prints_every_case(repo_root):
-    """bench/bench_wavelet.py end to end on a small latent: one JSON line per case, with its ratio and counts."""
+    """`python -m bench.bench_wavelet` end to end on a small latent: one JSON line per case, with its ratio and counts."""
     result = subprocess.run(
-        [sys.executable, "bench/bench_wavelet.py", "--shape", "2,4,32,32", "--repeats", "2", "--warmup", "1", "--threads", "1"],
+        [sys.executable, "-m", "bench.bench_wavelet", "--shape", "2,4,32,32", "--repeats", "2", "--warmup", "1",
+         "--threads", "1"],
         cwd=repo_root, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
