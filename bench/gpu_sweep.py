@@ -17,23 +17,29 @@ reason. Writes DIR/gpu_sweep.json (every record) and DIR/gpu_sweep.md (the table
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import low_memory
-from bench.bench_generation import PAPER_A100, PROMPT, full_size_pipeline, ratio, sig, step_flops
+from bench.bench_generation import (PAPER_A100, PROMPT, building_on, full_size_pipeline, full_size_vae,
+                                    parameter_counts, ratio, sig, step_flops)
 from bench.flops import peak_flops
 from errors import UsageError
-from generation import DEFAULTS, generate, load_pipeline
+import lora
+import training
+from generation import generate, load_pipeline
+from models import MODELS
 from partitioned_vae import make_f16_vae
-from tiny_models import build_tiny_vae, save_tiny_pipelines
+from tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline, build_tiny_vae, save_tiny_pipelines
 
 # Generation modes: low_memory.py settings, the single savings first, then combinations aimed at 24 GB (Flux) and
 # 12 GB (SD3) cards, then the fastest mode we expect.
@@ -162,14 +168,14 @@ def generation_records(model, mode, sizes, steps, device, tiny_paths, baseline, 
     """Build, apply `mode`, then one generation per size of steps+1 steps (the first is the warm-up)."""
     pipe = apply_mode(build_pipeline(model, device, tiny_paths), mode, device)
     pipe.set_progress_bar_config(disable=True)
-    guidance = DEFAULTS[model]["guidance_scale"]
+    sampling = MODELS[model].inference
     records = []
     for height, width in sizes:
         free_device_memory()
-        _, t = generate(pipe, PROMPT, height, width, steps + 1, guidance, seed=0,
-                        max_sequence_length=DEFAULTS[model]["max_sequence_length"])
+        _, t = generate(pipe, PROMPT, height, width, steps + 1, sampling.guidance_scale, seed=0,
+                        max_sequence_length=sampling.max_sequence_length)
         s_per_step = float(np.median(t["step_s"][1:]))
-        flops = step_flops(model, pipe.transformer.config, height, width, guidance)
+        flops = step_flops(model, pipe.transformer.config, height, width, sampling.guidance_scale)
         paper = PAPER_A100.get((model, mode)) if (height, width) == (4096, 4096) else None
         plain = baseline.get((model, height, width))
         records.append({
@@ -190,23 +196,18 @@ def generation_estimate(model, mode, sizes, steps, baseline, device):
     seconds = BUILD_S[model] * (2 if MODES[mode].get("cpu_offload") else 1)
     for height, width in sizes:
         plain = baseline.get((model, height, width))
-        step = plain["s_per_step"] if plain else step_flops(model, FULL_CONFIGS[model], height, width,
-                                                             DEFAULTS[model]["guidance_scale"]) / 3e14
+        step = plain["s_per_step"] if plain else step_flops(model, full_config(model), height, width,
+                                                             MODELS[model].inference.guidance_scale) / 3e14
         cost = max([STEP_COST.get(part, 1.0) for part in mode.split("+")])
         seconds += (steps + 1) * step * cost + 5  # + text encoding and the decode
         seconds += COMPILE_S if MODES[mode].get("compile") else 0
     return seconds
 
 
-# Transformer configs for planning before anything is built (bench_generation.full_size_models' values).
-FULL_CONFIGS = {
-    "sd3": {"patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64, "num_attention_heads": 24,
-            "joint_attention_dim": 4096, "caption_projection_dim": 1536, "pooled_projection_dim": 2048,
-            "out_channels": 16},
-    "flux": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-             "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768,
-             "guidance_embeds": True},
-}
+@lru_cache(maxsize=None)
+def full_config(model):
+    """The full-size transformer's config (bench_generation's architecture, built on the meta device: free)."""
+    return dict(parameter_counts(model)[1].config)
 
 
 #################################################################################
@@ -243,6 +244,94 @@ def decode_records(factor, mode, size, device, tiling, repeats, tiny):
              "size": f"{size}x{size}", "fits": True, "decode_s": sig(float(np.median(times))),
              "decode_extra_gb": sig(extra, 3), "paper_a100": "OOM" if factor == 8 and not tiling else None}]
 
+
+
+#################################################################################
+#                                Training steps                                 #
+#################################################################################
+
+# (model, engine): SD3 fine-tuned in full under ZeRO-2 with the optimizer on the CPU (ds_config.yaml, the paper's
+# setting); Flux-12B with a LoRA adapter (rank TRAIN_LORA_RANK) and no DeepSpeed, to fit one GPU.
+TRAIN_CASES = {"sd3_full_zero2": ("sd3", "zero2", 0), "flux_lora": ("flux", "plain", 64)}
+TRAIN_TEXT_TOKENS = {"sd3": 77 + 77, "flux": 512}  # CLIP 77 + T5 77 (SD3, the authors); T5 512 (Flux)
+
+
+def train_records(case, tiny, steps):
+    """Run one training case in a fresh process (its own DeepSpeed world, its own peak memory); its JSON record."""
+    with socket.socket() as probe:  # a free port for the process group of a one-process DeepSpeed run
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    command = [sys.executable, "-m", "bench.gpu_sweep", "--train_case", case, "--steps", str(steps)]
+    done = subprocess.run(command + (["--tiny"] if tiny else []), cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(f"training case {case} failed: {done.stderr[-1500:]}")
+    return [json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def train_step_case(case, tiny, steps):
+    """One optimiser step after another with training.py's loss, optimiser and update, at 4096x4096 (tiny: 128)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.optimization import get_scheduler
+
+    model, engine, rank = TRAIN_CASES[case]
+    spec, device = MODELS[model], torch.device("cpu" if tiny else "cuda")
+    precision = "no" if tiny else "bf16"
+    plugin = DeepSpeedPlugin(zero_stage=2, offload_optimizer_device="cpu") if engine == "zero2" else None
+    accelerator = Accelerator(mixed_precision=precision, deepspeed_plugin=plugin)
+    training.configure_deepspeed(accelerator, 1, 1.0, False)
+    dtype = torch.bfloat16 if not tiny and (engine == "zero2" or rank) else torch.float32
+    torch.manual_seed(0)
+    if tiny:
+        pipe = (build_tiny_sd3_pipeline if model == "sd3" else build_tiny_flux_pipeline)()
+        transformer, vae, resolution = pipe.transformer.to(dtype), pipe.vae, 128
+    else:
+        with building_on(device, dtype):
+            transformer = spec.transformer_class.from_config(full_config(model))
+        vae, resolution = full_size_vae(model).to(device, dtype), 4096
+    make_f16_vae(vae)
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = transformer.parameters()
+    if rank:
+        params = lora.attach_for_training(transformer, lora.lora_config(transformer, rank), torch.float32)
+    optimizer = training.build_optimizer(params, accelerator, lr=1e-6, betas=(0.9, 0.999), eps=1e-8,
+                                         weight_decay=1e-4)
+    schedule = get_scheduler("constant", optimizer)
+    transformer, optimizer, schedule = accelerator.prepare(transformer, optimizer, schedule)
+    config = accelerator.unwrap_model(transformer).config
+    tokens = TRAIN_TEXT_TOKENS[model] if not tiny else 32
+    batch = {"latent_dist": torch.randn(1, 32, resolution // 16, resolution // 16, device=device),
+             "prompt_embeds": torch.randn(1, tokens, config.joint_attention_dim, device=device),
+             "pooled_prompt_embeds": torch.randn(1, config.pooled_projection_dim, device=device)}
+    predict = partial(spec.predict, guidance_scale=spec.train_guidance_scale)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    loss_fn = training.build_loss("wlf")
+    model_dtype = accelerator.unwrap_model(transformer).dtype
+    times = []
+    for step in range(steps + 1):  # the first step is the warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        generator = training.step_generator(0, step, 0, 0, device)
+        loss = training.training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype,
+                                      spec.train_weighting_scheme)
+        training.update_weights(accelerator, transformer, optimizer, schedule, loss, 1.0)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times[1:]))
+    paper, gpus, gpu_name = PAPER_TRAIN[model]
+    trainable = sum(p.numel() for p in accelerator.unwrap_model(transformer).parameters() if p.requires_grad)
+    return {"bench": "train", "case": f"train {case}", "model": model,
+            "engine": f"{'DeepSpeed ZeRO-2, optimizer on the CPU' if engine == 'zero2' else 'accelerate'}, "
+                      f"{'full fine-tuning' if not rank else f'LoRA rank {rank}'}",
+            "resolution": resolution, "batch": 1, "trainable_params_b": sig(trainable / 1e9),
+            "s_per_step": sig(seconds), "images_per_second": sig(1 / seconds), "peak_gpu_gb": sig(peak_gb(device), 3),
+            "optimizer": training.describe_engine(accelerator, optimizer)["optimizer"],
+            "paper_images_per_second_per_gpu": sig(paper / gpus, 3), "paper_gpus": f"{gpus}x {gpu_name}"}
 
 #################################################################################
 #                                     GLCM                                      #
@@ -312,13 +401,14 @@ def markdown(summary):
         lines.append("")
     train = [r for r in records if r.get("bench") == "train" or r.get("case", "").startswith("train")]
     if train:
-        lines += ["## One training step at 4096x4096 beside Table 10", "",
-                  "| model | engine | images/s | peak GB | Table 10 (images/s per GPU) |", "| --- | --- | --- | --- | --- |"]
+        lines += ["## One training step beside Table 10 (4096x4096)", "",
+                  "| model | engine | size | images/s | peak GB | Table 10 (images/s per GPU) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         for r in train:
             if "error" in r:
-                lines.append(f"| {r['case']} | | {r['error']} | | |")
+                lines.append(f"| {r['case']} | | | {r['error']} | | |")
                 continue
-            lines.append(f"| {r['model']} | {r['engine']} | {cell(r['images_per_second'])} | "
+            lines.append(f"| {r['model']} | {r['engine']} | {r['resolution']}² | {cell(r['images_per_second'])} | "
                          f"{cell(r['peak_gpu_gb'])} | {cell(r['paper_images_per_second_per_gpu'])} |")
         lines.append("")
     glcm = [r for r in records if r.get("bench") == "glcm"]
@@ -354,6 +444,9 @@ def plan(args):
     cases = [generation(m, mode) for m in args.models for mode in ("none", "model")]  # Table 5's rows first
     cases += [decode(8, "stock"), decode(16, "partitioned"), decode(16, "subpixel"), decode(16, "full"),
               decode(16, "partitioned", tiling=True), decode(8, "stock", tiling=True)]
+    cases += [(f"train {case}", lambda: 150 if TRAIN_CASES[case][1] == "zero2" else 90,
+               partial(train_records, case, args.tiny, 1 if args.tiny else args.steps))
+              for case in TRAIN_CASES if TRAIN_CASES[case][0] in args.models]
     cases += [generation(m, mode) for mode in MODES if mode not in ("none", "model") for m in args.models]
     cases.append(("glcm", lambda: 20, lambda: glcm_records(256 if args.tiny else 4096, device)))
     return cases
@@ -365,6 +458,9 @@ def chosen(case, only, skip):
 
 
 def main(args):
+    if args.train_case:  # the worker process of train_records
+        print(json.dumps(train_step_case(args.train_case, args.tiny, args.steps)), flush=True)
+        return None
     if not args.tiny and not torch.cuda.is_available():
         raise UsageError("No CUDA GPU: the sweep measures GPU time and memory. Run `python -m bench.gpu_sweep --tiny` "
                          "for the same code path on the CPU with tiny models.")
@@ -403,6 +499,7 @@ def build_parser():
     parser.add_argument("--steps", type=int, default=2, help="timed denoising steps per generation, after a warm-up")
     parser.add_argument("--models", nargs="+", choices=("sd3", "flux"), default=["sd3", "flux"])
     parser.add_argument("--only", nargs="+", default=None, help="run only cases whose name holds one of these words")
+    parser.add_argument("--train_case", choices=tuple(TRAIN_CASES), help=argparse.SUPPRESS)
     parser.add_argument("--skip", nargs="+", default=None, help="leave out cases whose name holds one of these words")
     return parser
 

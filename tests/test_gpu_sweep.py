@@ -38,6 +38,10 @@ def test_tiny_sweep_measures_every_cpu_mode_and_says_what_it_skipped(repo_root, 
         ("F16", "full", False), ("F16", "partitioned", True)}
     assert all(r["fits"] and r["decode_s"] > 0 for r in decode)
     assert [r["device"] for r in records if r["bench"] == "glcm"] == ["cpu"]
+    train = {r["case"]: r for r in records if r["bench"] == "train"}
+    assert train["train sd3_full_zero2"]["optimizer"] == "DeepSpeedCPUAdam"  # ZeRO-2 with the optimizer offloaded
+    assert train["train flux_lora"]["trainable_params_b"] < 1e-3 and "LoRA" in train["train flux_lora"]["engine"]
+    assert all(r["images_per_second"] > 0 for r in train.values())
 
     table = (tmp_path / "gpu_sweep.md").read_text()
     assert "beside Table 5" in table and "## Skipped" in table

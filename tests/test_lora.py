@@ -1,4 +1,6 @@
 """lora.py: peft adapters attached, checked, saved in diffusers' format and loaded into the stock pipelines."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -130,3 +132,83 @@ def test_lora_path_errors_say_what_to_give(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UsageError, match="not a readable safetensors"):
         lora.read_adapter_shapes(tmp_path / "x.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training with --lora_rank (tiny models, CPU, plain accelerate fp32; DeepSpeed in the slow test)
+# ---------------------------------------------------------------------------------------------------------
+
+from test_training import launch_deepspeed, make_dataset, train  # noqa: E402  (the trainers' test helpers)
+
+LORA_FLAGS = ("--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_lora_run_trains_only_the_adapter_and_merges_it_into_the_pretrained_weights(tiny_ckpts, photos, tmp_path,
+                                                                                     kind):
+    out = tmp_path / "out"
+    train(kind, tiny_ckpts[kind], photos, out, *LORA_FLAGS, "--merge_lora")
+    tensors = load_file(out / lora.WEIGHT_NAME)
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in tensors.items())
+    pretrained = PIPELINES[kind].from_pretrained(tiny_ckpts[kind]).transformer.state_dict()
+    merged = PIPELINES[kind].from_pretrained(out).transformer.state_dict()  # --merge_lora: a complete pipeline
+    assert merged.keys() == pretrained.keys()
+    adapted = 0
+    for name, weight in pretrained.items():
+        module = name.removesuffix(".weight")
+        if f"transformer.{module}.lora_A.weight" in tensors:  # W + alpha / r * B A, from the saved adapter
+            a, b = tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"]
+            torch.testing.assert_close(merged[name], weight + 2.0 * b @ a, rtol=1e-5, atol=1e-6)
+            adapted += 1
+        else:  # every other weight is the pretrained one, bit for bit
+            assert torch.equal(merged[name], weight), name
+    assert adapted == len(tensors) // 2 > 0
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_lora_two_steps_resume_two_steps_equals_four_steps(tiny_ckpts, photos, tmp_path, kind):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(kind, tiny_ckpts[kind], photos, whole, *LORA_FLAGS, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    train(kind, tiny_ckpts[kind], photos, split, *LORA_FLAGS, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    checkpoint = split / "checkpoint-2"
+    assert lora.adapter_file(checkpoint) == checkpoint / lora.WEIGHT_NAME  # --lora_path OUT/checkpoint-N works
+    assert not list(checkpoint.glob("model*.safetensors")), "the checkpoint holds a full copy of the frozen model"
+    train(kind, tiny_ckpts[kind], photos, split, *LORA_FLAGS, "--max_train_steps", "4", "--checkpointing_steps", "2",
+          "--resume_from_checkpoint", "latest")
+    a, b = load_file(whole / lora.WEIGHT_NAME), load_file(split / lora.WEIGHT_NAME)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (whole / "losses.csv").read_text() == (split / "losses.csv").read_text()
+    assert not (split / "model_index.json").exists()  # without --merge_lora the output is the adapter alone
+
+
+def test_lora_flags_that_train_nothing_are_refused_before_anything_runs(tiny_ckpts, photos, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="--lora_layers: attn.to_qq match"):
+        train("sd3", tiny_ckpts["sd3"], photos, out, "--lora_rank", "4", "--lora_layers", "attn.to_q,attn.to_qq")
+    with pytest.raises(UsageError, match="--lora_alpha, --merge_lora only apply to LoRA"):
+        train("flux", tiny_ckpts["flux"], photos, out, "--lora_alpha", "8", "--merge_lora")
+    with pytest.raises(UsageError, match="--lora_rank -1"):
+        train("flux", tiny_ckpts["flux"], photos, out, "--lora_rank", "-1")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_lora_under_deepspeed_zero2_writes_the_adapter_and_checkpoints_it(tiny_ckpts, photos, tmp_path):
+    out = tmp_path / "ds"
+    launch_deepspeed("train_flux.py", "--pretrained_model_name_or_path", str(tiny_ckpts["flux"]),
+                     "--instance_data_dir", str(photos), "--output_dir", str(out), "--resolution", "128",
+                     "--train_batch_size", "2", "--max_sequence_length", "32", "--report_to", "none",
+                     "--max_train_steps", "2", "--checkpointing_steps", "1", *LORA_FLAGS)
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["engine"]["distributed_type"] == "DEEPSPEED" and summary["engine"]["zero_stage"] == 2
+    final, step1 = load_file(out / lora.WEIGHT_NAME), load_file(out / "checkpoint-1" / lora.WEIGHT_NAME)
+    assert final.keys() == step1.keys() and any(not torch.equal(final[k], step1[k]) for k in final)
+    pipe = FluxPipeline.from_pretrained(tiny_ckpts["flux"])
+    lora.load_lora(pipe, out / "checkpoint-1")

@@ -1,9 +1,12 @@
 """low_memory.py: each memory saving gives the plain run's image (or a stated tolerance), or a clear error on the CPU."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
+import lora
 import low_memory
 from errors import UsageError
 from partitioned_vae import use_f16_vae
@@ -87,3 +90,64 @@ def test_compiled_transformer_gives_the_plain_image(tiny_ckpts, kind):
     plain = image(load(kind, tiny_ckpts[kind]))
     compiled = low_memory.apply_low_memory(load(kind, tiny_ckpts[kind]), "cpu", compile=True)
     np.testing.assert_allclose(image(compiled), plain, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The generating scripts: --lora_path / --lora_scale and the low-memory flags, recorded with every image
+# ---------------------------------------------------------------------------------------------------------
+
+from test_generation import pixels, run  # noqa: E402  (the generation CLIs' test helpers)
+from test_lora import trained_adapter  # noqa: E402
+
+from generation import cli, read_image_settings  # noqa: E402
+
+
+def test_generation_cli_fuses_the_adapter_at_its_scale_and_records_every_setting(tiny_ckpts, tmp_path):
+    adapter = trained_adapter("sd3", tiny_ckpts["sd3"], tmp_path / "adapter")
+    (plain,) = run("sd3", tiny_ckpts["sd3"], tmp_path / "plain", "--height", "64", "--width", "64")
+    (zero,) = run("sd3", tiny_ckpts["sd3"], tmp_path / "zero", "--height", "64", "--width", "64",
+                  "--lora_path", str(adapter.parent), "--lora_scale", "0")
+    (full,) = run("sd3", tiny_ckpts["sd3"], tmp_path / "full", "--height", "64", "--width", "64",
+                  "--lora_path", str(adapter), "--quantize", "int8wo", "--vae_tiling")
+    np.testing.assert_array_equal(pixels(zero), pixels(plain))  # W + 0 * B A is W
+    assert np.abs(pixels(full) - pixels(plain)).mean() > 1
+    settings = read_image_settings(full)
+    assert settings["lora_path"] == str(adapter.resolve()) and settings["lora_scale"] == 1.0
+    assert len(settings["lora_sha256"]) == 64 and read_image_settings(zero)["lora_scale"] == 0.0
+    assert {k: settings[k] for k in ("cpu_offload", "layerwise_casting", "quantize", "vae_tiling", "compile")} == {
+        "cpu_offload": "none", "layerwise_casting": "none", "quantize": "int8wo", "vae_tiling": True, "compile": False}
+    assert read_image_settings(plain)["lora_path"] is None
+
+
+def test_generation_cli_refuses_a_gpu_only_mode_or_a_foreign_adapter_before_generating(tiny_ckpts, tmp_path,
+                                                                                        capsys):
+    adapter = trained_adapter("flux", tiny_ckpts["flux"], tmp_path / "flux-adapter")
+    base = ["--checkpoint_path", str(tiny_ckpts["sd3"]), "--prompt", "a cat", "--device", "cpu", "--dtype", "fp32",
+            "--height", "64", "--width", "64", "--num_inference_steps", "1", "--save_path", str(tmp_path / "out")]
+    for flags, message in ((["--quantize", "float8dq"], "--quantize float8dq needs a CUDA GPU"),
+                           (["--lora_path", str(adapter)], "does not fit this SD3Transformer2DModel"),
+                           (["--lora_path", str(tmp_path)], "holds no pytorch_lora_weights.safetensors")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli("sd3", base + flags)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
+
+
+def test_eval_folder_refuses_images_of_another_adapter_or_quantisation(tiny_ckpts, tmp_path):
+    import generate_and_eval_fid as fid
+
+    adapter = trained_adapter("sd3", tiny_ckpts["sd3"], tmp_path / "adapter")
+
+    def settings(*flags):
+        _, args = fid.parse_args(["--checkpoint_path", str(tiny_ckpts["sd3"]), "--model", "sd3", "--json_file", "x",
+                                  "--save_path", str(tmp_path / "eval"), *flags])
+        return fid.generation_settings(args)
+
+    first = settings("--lora_path", str(adapter), "--cpu_offload", "model")
+    assert first == settings("--lora_path", str(adapter.parent))  # the folder names the same file; offload: same pixels
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / fid.SETTINGS_FILE).write_text(json.dumps(first))
+    for flags, changed in ((["--lora_scale", "0.5", "--lora_path", str(adapter)], "lora_scale: 1.0 -> 0.5"),
+                           ([], "lora_path"), (["--lora_path", str(adapter), "--quantize", "int8wo"], "quantize")):
+        with pytest.raises(UsageError, match=changed):
+            fid.check_generation_settings(tmp_path / "eval", settings(*flags))
