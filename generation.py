@@ -172,10 +172,10 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
 
     vae_mode / grid: how the F=16 decoder computes its last layer (partitioned_vae.MODES; same result).
     dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
-    cpu_offload: "none" | "model" | "sequential" (diffusers' offload hooks; GPU only, ignored with a warning
-    on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
+    cpu_offload: "none" | "model" | "sequential" | "group" (diffusers' offload hooks; GPU only, ignored with a
+    warning on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
     lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). layerwise_casting, quantize,
-    vae_tiling, compile, and cpu_offload "group": low_memory.py.
+    vae_tiling, compile: low_memory.py (a mode the device cannot run is refused before anything loads).
     """
     if model not in MODELS:
         raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
