@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lora
 import low_memory
+import training
 from bench.bench_generation import (PAPER_A100, PROMPT, building_on, full_size_pipeline, full_size_vae,
                                     parameter_counts, ratio, sig, step_flops)
 from bench.flops import peak_flops
 from errors import UsageError
-import lora
-import training
 from generation import generate, load_pipeline
 from models import MODELS
 from partitioned_vae import make_f16_vae

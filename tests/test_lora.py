@@ -200,15 +200,22 @@ def test_lora_flags_that_train_nothing_are_refused_before_anything_runs(tiny_ckp
 
 
 @pytest.mark.slow
-def test_lora_under_deepspeed_zero2_writes_the_adapter_and_checkpoints_it(tiny_ckpts, photos, tmp_path):
-    out = tmp_path / "ds"
-    launch_deepspeed("train_flux.py", "--pretrained_model_name_or_path", str(tiny_ckpts["flux"]),
-                     "--instance_data_dir", str(photos), "--output_dir", str(out), "--resolution", "128",
-                     "--train_batch_size", "2", "--max_sequence_length", "32", "--report_to", "none",
-                     "--max_train_steps", "2", "--checkpointing_steps", "1", *LORA_FLAGS)
+def test_lora_under_deepspeed_zero2_checkpoints_the_adapter_and_resumes_exactly(tiny_ckpts, photos, tmp_path):
+    def launch(out, steps, *flags):
+        launch_deepspeed("train_flux.py", "--pretrained_model_name_or_path", str(tiny_ckpts["flux"]),
+                         "--instance_data_dir", str(photos), "--output_dir", str(out), "--resolution", "128",
+                         "--train_batch_size", "2", "--max_sequence_length", "32", "--report_to", "none",
+                         "--max_train_steps", str(steps), "--checkpointing_steps", "1", *LORA_FLAGS, *flags)
+
+    out, split = tmp_path / "ds", tmp_path / "split"
+    launch(out, 2)
+    launch(split, 1)
+    launch(split, 2, "--resume_from_checkpoint", "latest")
+    resumed = load_file(split / lora.WEIGHT_NAME)
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["engine"]["distributed_type"] == "DEEPSPEED" and summary["engine"]["zero_stage"] == 2
     final, step1 = load_file(out / lora.WEIGHT_NAME), load_file(out / "checkpoint-1" / lora.WEIGHT_NAME)
     assert final.keys() == step1.keys() and any(not torch.equal(final[k], step1[k]) for k in final)
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
     pipe = FluxPipeline.from_pretrained(tiny_ckpts["flux"])
     lora.load_lora(pipe, out / "checkpoint-1")

@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-import lora
 import low_memory
 from errors import UsageError
 from partitioned_vae import use_f16_vae
