@@ -229,7 +229,8 @@ def check_training_flags(args, transformer_class, model_dir):
         raise UsageError(f"--lora_rank {args.lora_rank}: give 0 (full fine-tuning) or a positive rank.")
     if not args.lora_rank:
         given = [flag for flag, value in (("--lora_alpha", args.lora_alpha), ("--lora_layers", args.lora_layers),
-                                          ("--merge_lora", args.merge_lora)) if value]
+                                          ("--lora_dropout", args.lora_dropout), ("--merge_lora", args.merge_lora))
+                 if value]
         if given:
             raise UsageError(f"{', '.join(given)} only apply to LoRA: add --lora_rank (e.g. 16), or drop them for full "
                              f"fine-tuning.")
@@ -248,9 +249,9 @@ def attach_for_training(transformer, config, trainable_dtype=None):
     plain accelerate, as diffusers' trainers cast them; None under DeepSpeed, which keeps its own fp32 copy)."""
     add_lora(transformer, config)
     if trainable_dtype is not None:
-        for param in transformer.parameters():
-            if param.requires_grad:
-                param.data = param.data.to(trainable_dtype)
+        from diffusers.training_utils import cast_training_params
+
+        cast_training_params(transformer, dtype=trainable_dtype)
     return [param for param in transformer.parameters() if param.requires_grad]
 
 

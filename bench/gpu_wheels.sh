@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for a GPU machine without network whose image has torch 2.11 on Python 3.12 but lacks diffusers, peft,
 # PyWavelets, torchao and deepspeed (and what they need beyond that image). Run here, from any directory:
-#     bash bench/gpu_wheels.sh            # -> .whl/ at the repository root (ignored by git), about 60 MB
+#     bash bench/gpu_wheels.sh            # -> .whl/ at the repository root (ignored by git), about 20 MB
 # Then on the GPU machine, from the repository root, with .whl carried along:
 #     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
 #       && export PYTHONPATH=/tmp/site && python3 -m bench.gpu_sweep --out "$OUT"
