@@ -21,6 +21,8 @@ from accelerate.utils import parse_flag_from_env
 from PIL import Image
 from tqdm import tqdm
 
+import lora
+import low_memory
 from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
 from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image
@@ -94,6 +96,15 @@ def write_results(save_path, metrics, rows):
 #                                     Main                                      #
 #################################################################################
 
+def generation_settings(args):
+    """Everything that decides the images of an eval folder (stored with it, compared when a run resumes)."""
+    return {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
+            **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed, "vae_f8": args.vae_f8,
+            "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve()),
+            **lora.generation_settings(args.lora_path, args.lora_scale),
+            **low_memory.from_args(args, changes_images=True)}
+
+
 def main(args):
     """Generate this process's share of the missing eval images, then score every image (main process)."""
     # Check everything before generating anything:
@@ -112,9 +123,7 @@ def main(args):
                          "leave out --save_format.")
     paths = [image_path(args.save_path, s["index"], args.save_format) for s in samples]
     detail_paths = [path.with_suffix(".jpg") for path in paths] if args.protocol == "authors" else paths
-    settings = {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
-                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed, "vae_f8": args.vae_f8,
-                "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve())}
+    settings = generation_settings(args)
 
     if not args.skip_generation:
         check_checkpoint(args.model, args.checkpoint_path)
@@ -132,7 +141,8 @@ def main(args):
         mine = todo[state.process_index::state.num_processes]
         if mine:
             pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,
-                                 cpu_offload=args.cpu_offload, vae_f8=args.vae_f8)
+                                 vae_f8=args.vae_f8, lora_path=args.lora_path, lora_scale=args.lora_scale,
+                                 **low_memory.from_args(args))
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):

@@ -23,12 +23,14 @@ import diffusers
 import torch
 from PIL import Image, PngImagePlugin
 
+import lora
+import low_memory
 from errors import UsageError, exit_on_usage_error
 from models import MODELS, Sampling, max_image_side, model_of
 from partitioned_vae import MODES, check_size, use_f16_vae
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OFFLOADS = ("none", "model", "sequential")
+OFFLOADS = low_memory.OFFLOADS
 JPEG_QUALITY = 95  # the authors save q95 JPEGs
 # Used when no --prompt / --prompt_file is given: scenes in the spirit of the paper's 4K showcase.
 SHOWCASE_PROMPTS = [
@@ -195,13 +197,16 @@ def read_prompts(prompt=None, prompt_file=None):
 #################################################################################
 
 def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda",
-                  cpu_offload="none", vae_f8=False):
+                  cpu_offload="none", vae_f8=False, lora_path=None, lora_scale=1.0, layerwise_casting="none",
+                  quantize="none", vae_tiling=False, compile=False):
     """The stock diffusers pipeline of `model` ("sd3" | "flux") from a local folder, with the F=16 VAE.
 
     vae_mode / grid: how the F=16 decoder computes its last layer (partitioned_vae.MODES; same result).
     dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
-    cpu_offload: "none" | "model" | "sequential" (diffusers' offload hooks; GPU only, ignored with a warning
-    on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
+    cpu_offload: "none" | "model" | "sequential" | "group" (diffusers' offload hooks; GPU only, ignored with a
+    warning on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
+    lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). layerwise_casting, quantize,
+    vae_tiling, compile: low_memory.py (a mode the device cannot run is refused before anything loads).
     """
     if model not in MODELS:
         raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
@@ -210,24 +215,29 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     check_checkpoint(model, checkpoint_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    low_memory.check_low_memory(device, cpu_offload, layerwise_casting, quantize, compile)
+    if lora_path is not None:
+        lora.adapter_file(lora_path)
     base, transformer = pipeline_folders(checkpoint_path)
+    quantization = low_memory.quantization_config(quantize)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        components = {} if transformer is None else {
-            "transformer": MODELS[model].transformer_class.from_pretrained(transformer, torch_dtype=torch_dtype)}
-        pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype, **components)
+        components = {}
+        if transformer is not None:  # a training checkpoint: its transformer, the rest from the base pipeline
+            components["transformer"] = MODELS[model].transformer_class.from_pretrained(
+                transformer, torch_dtype=torch_dtype,
+                quantization_config=None if quantization is None else quantization.quant_mapping["transformer"])
+            quantization = None
+        pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype,
+                                                            quantization_config=quantization, **components)
     if not vae_f8:
         use_f16_vae(pipe, vae_mode, grid)
+    if lora_path is not None:
+        lora.load_lora(pipe, lora_path, lora_scale)
     if cpu_offload != "none" and device.type == "cpu":
         warnings.warn(f"--cpu_offload {cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
         cpu_offload = "none"
-    if cpu_offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif cpu_offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
+    return low_memory.apply_low_memory(pipe, device, cpu_offload, layerwise_casting, vae_tiling, compile)
 
 
 def generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed=0, max_sequence_length=None,
@@ -379,7 +389,8 @@ def main(args):
 
     # Load the pipeline:
     pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
-                         args.cpu_offload, args.vae_f8)
+                         vae_f8=args.vae_f8, lora_path=args.lora_path, lora_scale=args.lora_scale,
+                         **low_memory.from_args(args))
     check_resolution(pipe, args.height, args.width)
     settings = {
         "model": args.model, "checkpoint_path": str(args.checkpoint_path),
@@ -387,7 +398,8 @@ def main(args):
         "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
         "vae": "F8 (stock)" if args.vae_f8 else "F16", "vae_mode": None if args.vae_f8 else args.vae_mode,
         "grid": None if args.vae_f8 else args.grid, "scheduler": type(pipe.scheduler).__name__,
-        "dtype": args.dtype, "device": str(pipe._execution_device), "cpu_offload": args.cpu_offload,
+        "dtype": args.dtype, "device": str(pipe._execution_device), **low_memory.from_args(args),
+        **lora.generation_settings(args.lora_path, args.lora_scale),
         "generator": "torch.Generator('cpu').manual_seed(seed)",
         "diffusers": diffusers.__version__, "torch": torch.__version__,
     }
@@ -418,7 +430,8 @@ def add_generation_flags(parser, sampling=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
     parser.add_argument("--save_format", choices=("png", "jpg"), default="png", help="jpg: quality 95, as the authors")
     parser.add_argument("--vae_f8", action="store_true", help="the stock F=8 VAE instead of the F=16 one (baseline)")
-    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
+    low_memory.add_generation_flags(parser)  # --cpu_offload, --layerwise_casting, --quantize, --vae_tiling, --compile
+    lora.add_generation_flags(parser)  # --lora_path, --lora_scale
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
 
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+import lora
 from errors import UsageError
 from imagefolder import load_image, read_metadata
 from models import max_image_side
@@ -781,6 +782,7 @@ def train(args, spec):
     # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
     check_args(args, spec)
     model_dir, output_dir = args.pretrained_model_name_or_path, Path(args.output_dir)
+    lora_config = lora.check_training_flags(args, spec.transformer_class, model_dir)  # None: full fine-tuning
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
     configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm, args.use_8bit_adam)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -812,11 +814,16 @@ def train(args, spec):
     # Create the model, optimiser and learning-rate schedule:
     # DeepSpeed keeps fp32 master weights in its (offloaded) optimizer and runs the module in its precision: load it
     # in that precision (half the host memory per process). Plain accelerate trains fp32 weights under autocast.
-    transformer = load_transformer(spec, model_dir, weight_dtype if is_deepspeed else torch.float32,
+    # A LoRA run keeps the frozen base in the training precision and (without DeepSpeed) the adapter in fp32.
+    transformer = load_transformer(spec, model_dir, weight_dtype if is_deepspeed or lora_config else torch.float32,
                                    args.gradient_checkpointing)
+    params = transformer.parameters()
+    if lora_config:
+        params = lora.attach_for_training(transformer, lora_config, None if is_deepspeed else torch.float32)
+        lora.register_checkpoint_hooks(accelerator, spec.pipeline_class)
     guidance = args.guidance_scale if transformer.config.get("guidance_embeds") else None  # FLUX.1-dev: on
     predict = partial(spec.predict, guidance_scale=guidance)
-    optimizer = build_optimizer(transformer.parameters(), accelerator, args.use_8bit_adam, lr=args.learning_rate,
+    optimizer = build_optimizer(params, accelerator, args.use_8bit_adam, lr=args.learning_rate,
                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                 weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,  # stepped once per process, as in diffusers' examples
@@ -877,7 +884,8 @@ def train(args, spec):
             if global_step % args.checkpointing_steps == 0:
                 state = {"global_step": global_step, "base_pipeline": str(Path(model_dir).resolve()),
                          **problems.gather()}
-                save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit, transformer)
+                save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit,
+                                None if lora_config else transformer)  # a LoRA checkpoint holds its adapter
             if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(transformer, global_step)
     except UsageError as error:  # raised on every process at the same step (non-finite loss, failed checkpoint)
@@ -891,7 +899,12 @@ def train(args, spec):
 
     # Save the fine-tuned pipeline (the fine-tuned transformer + the original components):
     accelerator.wait_for_everyone()
-    save_pipeline(accelerator, transformer, model_dir, output_dir)
+    if lora_config:  # the adapter as diffusers' LoRA trainers write it; with --merge_lora also the merged pipeline
+        lora.save_adapter(accelerator, transformer, spec.pipeline_class, output_dir)
+        if args.merge_lora:
+            lora.merged_transformer(accelerator.unwrap_model(transformer))
+    if not lora_config or args.merge_lora:
+        save_pipeline(accelerator, transformer, model_dir, output_dir)
     if validate and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
         validate(transformer, global_step)
     accelerator.wait_for_everyone()
@@ -967,5 +980,6 @@ def build_parser(description, spec):
     p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation_images", type=int, default=1)
     p.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
+    lora.add_training_flags(p)
     return p
 
