@@ -1,4 +1,4 @@
-"""GLCM Score and Compression Ratio (SPEC §6.3–6.4): the authors' eval.py, exact, vectorised in torch.
+"""GLCM Score and Compression Ratio (PROTOCOL.md §6): the authors' eval.py, exact, vectorised in torch.
 
 GLCM Score: grey = OpenCV's BGR2GRAY, 64 levels, non-overlapping 64×64 patches, per patch the normed
 GLCM of skimage (distances 1–4, angles 0, π/4, π/2, 3π/4) scored by `shannon_entropy` (entropy of the
@@ -63,7 +63,7 @@ def grey64(rgb, device="cpu"):
     """uint8 RGB -> 64-level grey on `device`: OpenCV's COLOR_BGR2GRAY on uint8, then // 4.
 
     OpenCV (4.10, the authors' pin, to 5.0) computes Y = (9798·R + 19235·G + 3735·B + 2^14) >> 15 for
-    uint8, checked on all 2^24 colours; SPEC §6.3's 14-bit form (4899, 9617, 1868) differs on 43,864.
+    uint8, checked on all 2^24 colours; the 14-bit form often quoted (4899, 9617, 1868) differs on 43,864.
     """
     t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(device).to(torch.int32)  # W: torch wants writable
     y = 9798 * t[..., 0] + 19235 * t[..., 1] + 3735 * t[..., 2] + (1 << 14)

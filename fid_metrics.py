@@ -1,4 +1,4 @@
-"""Eval-set metrics from local weight files (SPEC §6.2): FID, CLIPScore and the LAION Aesthetics predictor.
+"""Eval-set metrics from local weight files (PROTOCOL.md §6): FID, CLIPScore and the LAION Aesthetics predictor.
 
 FID: torchmetrics' FrechetInceptionDistance (2048-d pool features of torch-fidelity's Inception) on uint8
 images; each real image has its shorter side resized to `size` (bilinear, antialiased) and is center-cropped
@@ -92,7 +92,7 @@ def to_uint8_tensor(image):
 
 
 def fid_tensor(image, size):
-    """FID input (SPEC §6.2): shorter side -> `size` (bilinear, antialiased), center crop, uint8 (3, size, size)."""
+    """FID input (PROTOCOL.md §6): shorter side to `size` (antialiased bilinear), centre crop; (3, size, size) uint8."""
     tensor = to_uint8_tensor(image)
     if tensor.shape[1:] != (size, size):
         tensor = TF.resize(tensor, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
@@ -303,19 +303,24 @@ class MetricModels:
 class EvalImages(torch.utils.data.Dataset):
     """Per sample: the generated image, its GLCM Score and Compression Ratio, and the real image as FID input.
 
-    Decoding 4K photos and the pixel metrics run in DataLoader workers, in parallel with the models.
+    GLCM and Compression Ratio are measured on `detail_paths` (default: the images themselves; the authors' protocol:
+    their q95 JPEG files, with cr_mode "file"). Decoding 4K photos and the pixel metrics run in DataLoader workers,
+    in parallel with the models.
     """
 
-    def __init__(self, samples, image_paths, size):
+    def __init__(self, samples, image_paths, size, detail_paths=None, cr_mode="encode"):
         self.samples, self.image_paths, self.size = samples, image_paths, size
+        self.detail_paths, self.cr_mode = detail_paths or image_paths, cr_mode
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, i):
         image = load_image(self.image_paths[i])
+        detail = image if self.detail_paths[i] == self.image_paths[i] else load_image(self.detail_paths[i])
+        ratio = compression_ratio([detail if self.cr_mode == "encode" else self.detail_paths[i]], self.cr_mode)
         real = fid_tensor(load_image(self.samples[i]["real_image"]), self.size)
-        return image, glcm_score(image), compression_ratio([image]), real
+        return image, glcm_score(detail), ratio, real
 
 
 def as_columns(batch):
@@ -323,16 +328,18 @@ def as_columns(batch):
     return [list(column) for column in zip(*batch)]
 
 
-def evaluate_images(samples, image_paths, size, models, batch_size=8, num_workers=4, progress=True):
+def evaluate_images(samples, image_paths, size, models, batch_size=8, num_workers=4, progress=True,
+                    detail_paths=None, cr_mode="encode"):
     """Metrics of generated `image_paths` (one per sample) against the eval set; returns (metrics, per-image rows).
 
     Images are read `batch_size` at a time, so memory does not grow with the set. GLCM Score and
-    Compression Ratio (Σ raw bytes / Σ JPEG q95 bytes) come from detail_metrics.py.
+    Compression Ratio (Σ raw bytes / Σ JPEG q95 bytes) come from detail_metrics.py, measured on `detail_paths`
+    (default: `image_paths`) with `cr_mode` ("encode": in memory; "file": the files' sizes on disk).
     """
     if len(samples) < 2:
         raise UsageError("FID needs at least 2 images on each side: use --max_samples 2 or more.")
-    loader = torch.utils.data.DataLoader(EvalImages(samples, image_paths, size), batch_size=batch_size,
-                                         num_workers=num_workers, collate_fn=as_columns)
+    loader = torch.utils.data.DataLoader(EvalImages(samples, image_paths, size, detail_paths, cr_mode),
+                                         batch_size=batch_size, num_workers=num_workers, collate_fn=as_columns)
     models.fid.reset()
     rows, start = [], 0
     for images, glcms, ratios, reals in tqdm(loader, desc="evaluating", unit="batch", disable=not progress):

@@ -3,6 +3,7 @@
 Sharded and resumable: `accelerate launch generate_and_eval_fid.py ...` splits the missing images between the
 processes; images already in --save_path are kept, so a killed run continues where it stopped. The metrics are
 computed once, on the main process, over every image. All models load from local files (nothing is downloaded).
+--protocol paper (default) follows the paper's text; --protocol authors the authors' script (PROTOCOL.md §6).
 """
 import argparse
 import csv
@@ -17,8 +18,11 @@ import torchmetrics
 import transformers
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from PIL import Image
 from tqdm import tqdm
 
+import lora
+import low_memory
 from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
 from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image, vae_settings
@@ -33,6 +37,11 @@ PROTOCOL = {  # how each metric is computed, written into metrics.json
     "aesthetics": "LAION improved-aesthetic-predictor on the L2-normalised OpenAI CLIP ViT-L/14 image embedding",
     "glcm_score": "detail_metrics.glcm_score (entropy, 64x64 patches), mean over images",
     "compression_ratio": "sum of raw RGB bytes / sum of in-memory JPEG q95 bytes (detail_metrics.compression_ratio)",
+}
+AUTHORS_PROTOCOL = {  # their generate_and_eval_fid.py + eval.py: what --protocol authors changes
+    "glcm_score": "detail_metrics.glcm_score (entropy, 64x64 patches) of the q95 JPEG files, mean over images",
+    "compression_ratio": "sum of raw RGB bytes / sum of the q95 JPEG files' sizes on disk (the authors' eval.py)",
+    "lossless": "FID, CLIPScore and Aesthetics on the lossless PNGs (the authors' in-memory images)",
 }
 
 
@@ -51,6 +60,15 @@ def save_image_atomically(image, path, metadata):
     save_image(image, partial, metadata, overwrite=True)
     os.replace(partial.with_suffix(".json"), path.with_suffix(".json"))
     os.replace(partial, path)  # last: the image's presence means "done"
+
+
+def save_authors_jpeg(png_path, jpg_path):
+    """The q95 JPEG the authors' script writes of an image (Pillow's defaults, no metadata), from its lossless PNG."""
+    partial = jpg_path.parent / ".partial" / jpg_path.name
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(png_path) as image:
+        image.convert("RGB").save(partial, quality=95)
+    os.replace(partial, jpg_path)
 
 
 def check_generation_settings(save_path, settings):
@@ -78,6 +96,16 @@ def write_results(save_path, metrics, rows):
 #                                     Main                                      #
 #################################################################################
 
+def generation_settings(args):
+    """Everything that decides the images of an eval folder (stored with it, compared when a run resumes)."""
+    return {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
+            **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed,
+            **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
+            "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve()),
+            **lora.generation_settings(args.lora_path, args.lora_scale),
+            **low_memory.from_args(args, changes_images=True)}
+
+
 def main(args):
     """Generate this process's share of the missing eval images, then score every image (main process)."""
     # Check everything before generating anything:
@@ -91,11 +119,12 @@ def main(args):
     samples = read_eval_set(args.json_file, args.max_samples)
     if len(samples) < 2:
         raise UsageError("FID needs at least 2 images: use --max_samples 2 or more.")
+    if args.protocol == "authors" and args.save_format != "png":
+        raise UsageError("--protocol authors keeps each image as a lossless PNG and writes its q95 JPEG itself: "
+                         "leave out --save_format.")
     paths = [image_path(args.save_path, s["index"], args.save_format) for s in samples]
-    settings = {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
-                **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed,
-                **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
-                "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve())}
+    detail_paths = [path.with_suffix(".jpg") for path in paths] if args.protocol == "authors" else paths
+    settings = generation_settings(args)
 
     if not args.skip_generation:
         check_checkpoint(args.model, args.checkpoint_path)
@@ -113,8 +142,9 @@ def main(args):
         mine = todo[state.process_index::state.num_processes]
         if mine:
             pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,
-                                 cpu_offload=args.cpu_offload, vae_mode=args.vae_mode, grid=args.grid,
-                                 vae_path=args.pretrained_vae_model_name_or_path)
+                                 vae_mode=args.vae_mode, grid=args.grid,
+                                 vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
+                                 lora_scale=args.lora_scale, **low_memory.from_args(args))
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):
@@ -125,6 +155,10 @@ def main(args):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         state.wait_for_everyone()
+    if args.protocol == "authors" and state.is_main_process:
+        for path, jpg in zip(paths, detail_paths):
+            if path.is_file() and not jpg.is_file():
+                save_authors_jpeg(path, jpg)
 
     # Evaluate every image, once:
     if not state.is_main_process:
@@ -135,11 +169,13 @@ def main(args):
                          f"run without --skip_generation to generate them (images are named 00000.{args.save_format}, "
                          f"00001.{args.save_format}, ... after their line in --json_file).")
     metrics, rows = evaluate_images(samples, paths, args.size, models.to(state.device), args.eval_batch_size,
-                                    args.num_workers)
+                                    args.num_workers, detail_paths=detail_paths,
+                                    cr_mode="file" if args.protocol == "authors" else "encode")
     metrics["settings"] = {**vars(args), "num_processes": state.num_processes}
     metrics["protocol"] = {**PROTOCOL, "fid_feature": f"torchmetrics FrechetInceptionDistance, {args.fid_feature}-d "
                                                       f"Inception features, antialias=False (torch-fidelity's resize "
-                                                      f"to 299)"}
+                                                      f"to 299)",
+                           **(AUTHORS_PROTOCOL if args.protocol == "authors" else {})}
     metrics["versions"] = {"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
                            "transformers": transformers.__version__, "open_clip": open_clip.__version__,
                            "diffusers": diffusers.__version__}
@@ -150,8 +186,12 @@ def main(args):
 
 
 def parse_args(argv=None):
-    """(parser, args); the defaults are the authors' evaluation settings (PROTOCOL.md, Evaluation)."""
+    """(parser, args); the defaults are the paper's evaluation settings, or the authors' (PROTOCOL.md §6)."""
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--protocol", choices=("paper", "authors"), default="paper",
+                        help="paper: its text (SD3 28 steps), every metric on lossless PNGs; authors: their script "
+                             "(50 steps for both models), FID/CLIPScore/Aesthetics on the PNGs, GLCM and the on-disk "
+                             "Compression Ratio on q95 JPEGs")
     parser.add_argument("--checkpoint_path", default=None, help="local diffusers pipeline folder (fine-tuned or stock)")
     parser.add_argument("--model", choices=tuple(MODELS), default="sd3")
     parser.add_argument("--json_file", required=True, help="eval metadata.jsonl (file_name, text), e.g. "
@@ -171,9 +211,11 @@ def parse_args(argv=None):
                         help="OpenAI CLIP ViT-L/14 weights (ViT-L-14.pt or an open_clip file / folder)")
     parser.add_argument("--aesthetic_head", default=None, help="sac+logos+ava1-l14-linearMSE.pth")
     args = parser.parse_args(argv)
+    spec = MODELS[args.model]
+    sampling = spec.authors_evaluation if args.protocol == "authors" else spec.evaluation
     for flag in SAMPLING_FLAGS:
         if getattr(args, flag) is None:
-            setattr(args, flag, getattr(MODELS[args.model].evaluation, flag))
+            setattr(args, flag, getattr(sampling, flag))
     return parser, args
 
 

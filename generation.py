@@ -23,12 +23,14 @@ import diffusers
 import torch
 from PIL import Image, PngImagePlugin
 
+import lora
+import low_memory
 from errors import UsageError, exit_on_usage_error
 from models import MODELS, Sampling, max_image_side, model_of
 from partitioned_vae import VAE_MODES, check_size, find_vae_dir, quiet_config_warning, use_f16_vae
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OFFLOADS = ("none", "model", "sequential")
+OFFLOADS = low_memory.OFFLOADS
 JPEG_QUALITY = 95  # the authors save q95 JPEGs
 # Used when no --prompt / --prompt_file is given: scenes in the spirit of the paper's 4K showcase.
 SHOWCASE_PROMPTS = [
@@ -83,11 +85,40 @@ def missing_component_file(folder):
     return f"weights in {folder} ({' or '.join(COMPONENT_WEIGHT_FILES[:2])})"
 
 
+TRAINER_STATE = "trainer_state.json"  # what the trainers write into each checkpoint-N folder
+
+
+def pipeline_folders(checkpoint_path):
+    """(pipeline folder, transformer folder or None) that `checkpoint_path` stands for.
+
+    A trainer's checkpoint-N holds the fine-tuned `transformer/` and names, in trainer_state.json, the base pipeline
+    the run started from, which supplies every frozen component (PROTOCOL.md §4); any other folder is a pipeline.
+    """
+    root = Path(checkpoint_path)
+    if (root / "model_index.json").is_file() or not (root / TRAINER_STATE).is_file():
+        return root, None
+    base = json.loads((root / TRAINER_STATE).read_text()).get("base_pipeline")
+    if base is None:
+        raise UsageError(f"{root} is a training checkpoint without a recorded base pipeline (written by an older "
+                         f"trainer): generate from the run's output folder, or resume the run to write a new one.")
+    if not (Path(base) / "model_index.json").is_file():
+        raise UsageError(f"{root} takes its frozen components (VAE, text encoders) from the base pipeline its "
+                         f"{TRAINER_STATE} names, {base}, which is not a pipeline folder any more: put the base "
+                         f"pipeline back there.")
+    return Path(base), root / "transformer"
+
+
 def check_checkpoint(model, checkpoint_path):
-    """Raise UsageError naming the first missing file unless checkpoint_path is a complete local `model` pipeline."""
+    """Raise UsageError naming the first missing file unless checkpoint_path is a complete local `model` pipeline,
+    or a trainer's checkpoint-N whose transformer and recorded base pipeline are complete."""
     root = Path(checkpoint_path)
     if not root.is_dir():
         raise UsageError(f"Checkpoint folder {root} does not exist. {where_to_get(model)}")
+    root, transformer = pipeline_folders(root)
+    if transformer is not None:
+        missing = missing_component_file(transformer)
+        if missing:
+            raise UsageError(f"Training checkpoint {transformer.parent} is incomplete: missing {missing}.")
     index = root / "model_index.json"
     if not index.is_file():
         raise UsageError(f"{index} is missing: {root} is not a diffusers pipeline folder. {where_to_get(model)}")
@@ -100,6 +131,8 @@ def check_checkpoint(model, checkpoint_path):
     for name, entry in spec.items():
         if name.startswith("_") or not isinstance(entry, list) or None in entry:
             continue  # metadata, or an optional component the checkpoint leaves out
+        if name == "transformer" and transformer is not None:
+            continue  # the training checkpoint's own transformer replaces the base pipeline's
         missing = missing_component_file(root / name)
         if missing:
             raise UsageError(f"Checkpoint {root} is incomplete: missing {missing} (component '{name}'). "
@@ -164,7 +197,8 @@ def read_prompts(prompt=None, prompt_file=None):
 #################################################################################
 
 def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda",
-                  cpu_offload="none", vae_path=None):
+                  cpu_offload="none", vae_path=None, lora_path=None, lora_scale=1.0, layerwise_casting="none",
+                  quantize="none", vae_tiling=False, compile=False):
     """The stock diffusers pipeline of `model` ("sd3" | "flux") from a local folder, with the F=16 VAE.
 
     vae_mode (partitioned_vae.VAE_MODES): "f8" keeps the stock F=8 VAE (the paper's baseline); "full" /
@@ -172,8 +206,10 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     checkpoint flux_wavelet_v2_sc); grid: partitions per side. vae_path: a VAE folder (or pipeline folder with vae/)
     to use instead of the checkpoint's, e.g. an SC-VAE from train_sc_vae.py.
     dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
-    cpu_offload: "none" | "model" | "sequential" (diffusers' offload hooks; GPU only, ignored with a warning
-    on the CPU). Raises UsageError on a missing file.
+    cpu_offload: "none" | "model" | "sequential" | "group" (diffusers' offload hooks; GPU only, ignored with a
+    warning on the CPU). Raises UsageError on a missing file.
+    lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). layerwise_casting, quantize,
+    vae_tiling, compile: low_memory.py (a mode the device cannot run is refused before anything loads).
     """
     if model not in MODELS:
         raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
@@ -184,22 +220,29 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     check_checkpoint(model, checkpoint_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    low_memory.check_low_memory(device, cpu_offload, layerwise_casting, quantize, compile)
+    if lora_path is not None:
+        lora.adapter_file(lora_path)
+    base, transformer = pipeline_folders(checkpoint_path)
+    quantization = low_memory.quantization_config(quantize)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         components = {"vae": load_vae_folder(vae_path, torch_dtype)} if vae_path else {}
-        pipe = MODELS[model].pipeline_class.from_pretrained(checkpoint_path, torch_dtype=torch_dtype, **components)
+        if transformer is not None:  # a training checkpoint: its transformer, the rest from the base pipeline
+            components["transformer"] = MODELS[model].transformer_class.from_pretrained(
+                transformer, torch_dtype=torch_dtype,
+                quantization_config=None if quantization is None else quantization.quant_mapping["transformer"])
+            quantization = None
+        pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype,
+                                                            quantization_config=quantization, **components)
     if vae_mode != "f8":
         use_f16_vae(pipe, vae_mode, grid)
+    if lora_path is not None:
+        lora.load_lora(pipe, lora_path, lora_scale)
     if cpu_offload != "none" and device.type == "cpu":
         warnings.warn(f"--cpu_offload {cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
         cpu_offload = "none"
-    if cpu_offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif cpu_offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
+    return low_memory.apply_low_memory(pipe, device, cpu_offload, layerwise_casting, vae_tiling, compile)
 
 
 def load_vae_folder(vae_path, torch_dtype):
@@ -369,7 +412,8 @@ def main(args):
 
     # Load the pipeline:
     pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
-                         args.cpu_offload, args.pretrained_vae_model_name_or_path)
+                         vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
+                         lora_scale=args.lora_scale, **low_memory.from_args(args))
     check_resolution(pipe, args.height, args.width)
     settings = {
         "model": args.model, "checkpoint_path": str(args.checkpoint_path),
@@ -377,7 +421,8 @@ def main(args):
         "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
         **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
         "scheduler": type(pipe.scheduler).__name__,
-        "dtype": args.dtype, "device": str(pipe._execution_device), "cpu_offload": args.cpu_offload,
+        "dtype": args.dtype, "device": str(pipe._execution_device), **low_memory.from_args(args),
+        **lora.generation_settings(args.lora_path, args.lora_scale),
         "generator": "torch.Generator('cpu').manual_seed(seed)",
         "diffusers": diffusers.__version__, "torch": torch.__version__,
     }
@@ -413,7 +458,8 @@ def add_generation_flags(parser, sampling=None):
     parser.add_argument("--grid", type=int, default=2, help="partitions per side (partitioned, authors)")
     parser.add_argument("--pretrained_vae_model_name_or_path", default=None,
                         help="a VAE folder to use instead of the checkpoint's (e.g. an SC-VAE's OUTPUT_DIR/vae)")
-    parser.add_argument("--cpu_offload", choices=OFFLOADS, default="none")
+    low_memory.add_generation_flags(parser)  # --cpu_offload, --layerwise_casting, --quantize, --vae_tiling, --compile
+    lora.add_generation_flags(parser)  # --lora_path, --lora_scale
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
 
 

@@ -69,11 +69,12 @@ class ModelSpec:
     encode_prompts: Callable
     predict: Callable
     negative_prompt: bool  # classifier-free guidance with a negative prompt (FLUX.1-dev has none)
-    train_max_sequence_length: int  # the authors' training scripts
+    train_max_sequence_length: int  # the authors' trainers' defaults (their launch scripts keep them)
     train_weighting_scheme: str
     train_guidance_scale: Optional[float]  # the guidance embedding's value while training (None: no such input)
     inference: Sampling  # the paper's generation settings
-    evaluation: Sampling  # the authors' generate_and_eval_fid.py
+    evaluation: Sampling  # generate_and_eval_fid.py: the paper's steps, the authors' T5 lengths and guidance
+    authors_evaluation: Sampling  # the authors' generate_and_eval_fid.py (--protocol authors, PROTOCOL.md §6)
 
     def validation_kwargs(self, embeddings, negative_embeddings):
         """Pipeline arguments for validation images: cached embeddings (and negative ones), inference settings."""
@@ -96,16 +97,19 @@ MODELS = {
         encode_prompts=encode_sd3_prompts, predict=predict_sd3, negative_prompt=True,
         train_max_sequence_length=77, train_weighting_scheme="logit_normal", train_guidance_scale=None,
         inference=Sampling(num_inference_steps=28, guidance_scale=7.0, max_sequence_length=256),
-        evaluation=Sampling(num_inference_steps=28, guidance_scale=7.0, max_sequence_length=77)),
-    # FLUX.1-dev: T5 length 512 throughout, guidance embedding 3.5 while training, 50 steps at guidance 5 (paper).
+        evaluation=Sampling(num_inference_steps=28, guidance_scale=7.0, max_sequence_length=77),
+        authors_evaluation=Sampling(num_inference_steps=50, guidance_scale=7.0, max_sequence_length=77)),
+    # FLUX.1-dev: the authors' trainer defaults (T5 length 77, uniform timesteps: PROTOCOL.md §4), guidance embedding
+    # 3.5 while training; T5 length 512 for generation, 50 steps at guidance 5 (paper).
     "flux": ModelSpec(
         title="FLUX.1-dev", hub_repo="black-forest-labs/FLUX.1-dev", checkpoint_path="pretrain/FLUX.1-dev",
         script="test_flux.py",
         pipeline_class=FluxPipeline, transformer_class=FluxTransformer2DModel,
         encode_prompts=encode_flux_prompts, predict=predict_flux, negative_prompt=False,
-        train_max_sequence_length=512, train_weighting_scheme="logit_normal", train_guidance_scale=3.5,
+        train_max_sequence_length=77, train_weighting_scheme="none", train_guidance_scale=3.5,
         inference=Sampling(num_inference_steps=50, guidance_scale=5.0, max_sequence_length=512),
-        evaluation=Sampling(num_inference_steps=50, guidance_scale=7.0, max_sequence_length=512)),
+        evaluation=Sampling(num_inference_steps=50, guidance_scale=7.0, max_sequence_length=512),
+        authors_evaluation=Sampling(num_inference_steps=50, guidance_scale=7.0, max_sequence_length=512)),
 }
 
 

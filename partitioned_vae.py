@@ -1,4 +1,4 @@
-"""Partitioned VAE: an F=16 AutoencoderKL built from pretrained F=8 weights, none of them changed (SPEC §2).
+"""Partitioned VAE: an F=16 AutoencoderKL built from pretrained F=8 weights, none of them changed (PROTOCOL.md §2).
 
 Encoder: `conv_in` runs with stride 2. Decoder: everything runs as pretrained up to the last conv, which is
 applied after nearest 2x up-sampling, in one of three exact forms:
@@ -107,7 +107,7 @@ def phase_kernels(weight, bias):
 
 
 def subpixel_upsample_conv(x, weight, bias):
-    """`full_upsample_conv` as one low-resolution conv with 4*Cout channels, then pixel_shuffle (SPEC §2.3)."""
+    """`full_upsample_conv` as one low-resolution conv with 4*Cout channels, then pixel_shuffle (PROTOCOL.md §2)."""
     kernels, phase_bias = phase_kernels(weight, bias)  # a few thousand numbers: recomputed each call, never stale
     return F.pixel_shuffle(F.conv2d(x, kernels, phase_bias, padding=1), 2)
 

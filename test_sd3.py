@@ -1,8 +1,12 @@
-"""Generate 4K images with Stable Diffusion 3 and the F=16 partitioned VAE (SPEC §5). A command-line tool, not a test.
+"""Generate 4K images with Stable Diffusion 3 and the F=16 partitioned VAE (PROTOCOL.md §5).
+
+A command-line tool, not a test:
 
     python test_sd3.py --checkpoint_path ./pretrain/stable-diffusion-3-medium-diffusers --prompt "..." \
         --height 4096 --width 3072
+    python test_sd3.py --checkpoint_path outputs/sd3-wlf/checkpoint-5000 --prompt "..."
 
+A training checkpoint-N works directly: its transformer/, the other components from the run's base pipeline.
 Defaults: 28 steps, guidance 7.0, empty negative prompt (the paper's settings); all flags: --help.
 """
 from generation import cli

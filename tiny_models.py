@@ -9,7 +9,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
-# Latent normalisation of the real checkpoints (SPEC §2.1): kept so the tiny pipelines exercise the same code.
+# Latent normalisation of the real checkpoints (PROTOCOL.md §2): kept so the tiny pipelines exercise the same code.
 VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512

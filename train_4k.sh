@@ -1,15 +1,17 @@
 #!/bin/bash
-# The launch both train_sd3.sh and train_flux.sh share: the authors' 4096x4096 settings (PROTOCOL.md, Training),
+# The launch both train_sd3.sh and train_flux.sh share: the authors' 4096x4096 settings (PROTOCOL.md §4),
 # DeepSpeed ZeRO-2 with the optimizer on the CPU (ds_config.yaml), bf16, a global batch of GLOBAL_BATCH=32 images
 # (gradient accumulation fills what PER_DEVICE_BATCH x NUM_PROCESSES leaves); lr 1e-6 constant, 20,000 steps, a
 # checkpoint every 5,000 and gradient checkpointing are the trainer's defaults. The authors also pass --use_8bit_adam:
 # with the optimizer offloaded DeepSpeed runs its own CPU AdamW, so the trainer refuses it and it is left out.
 # Needs TRAIN_SCRIPT, MODEL_DIR, OUTPUT_DIR, NUM_PROCESSES, PER_DEVICE_BATCH; flags pass through.
+# Several machines: run it on each with NUM_MACHINES, MACHINE_RANK (0 on the main one), MAIN_PROCESS_IP (the main
+# machine's address) and optionally MAIN_PROCESS_PORT (29500); NUM_PROCESSES counts the processes of all machines.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
 DATA_DIR=${DATA_DIR:-./data/aesthetic-4k/train}
-GLOBAL_BATCH=${GLOBAL_BATCH:-32}  # the authors: 32 images per optimiser step
+GLOBAL_BATCH=${GLOBAL_BATCH:-32}  # the paper: 32 images per optimiser step (their ds_config.yaml: SD3 64, Flux 32)
 ACCUMULATION=$(( GLOBAL_BATCH / (PER_DEVICE_BATCH * NUM_PROCESSES) ))
 if (( ACCUMULATION < 1 || ACCUMULATION * PER_DEVICE_BATCH * NUM_PROCESSES != GLOBAL_BATCH )); then
   echo "error: a global batch of $GLOBAL_BATCH images is not $PER_DEVICE_BATCH images x $NUM_PROCESSES processes x a" \
@@ -17,11 +19,20 @@ if (( ACCUMULATION < 1 || ACCUMULATION * PER_DEVICE_BATCH * NUM_PROCESSES != GLO
   exit 1
 fi
 
+MACHINES=()
+if (( ${NUM_MACHINES:-1} > 1 )); then
+  MACHINES=(--num_machines "$NUM_MACHINES"
+            --machine_rank "${MACHINE_RANK:?set MACHINE_RANK on each machine: 0 on the main one, then 1, 2, ...}"
+            --main_process_ip "${MAIN_PROCESS_IP:?set MAIN_PROCESS_IP to the address of the main machine}"
+            --main_process_port "${MAIN_PROCESS_PORT:-29500}")
+fi
+
 export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
 # Every other setting is the trainer's default (training.build_parser, models.MODELS): see `TRAIN_SCRIPT --help`.
-accelerate launch --config_file "$HERE/ds_config.yaml" --num_processes "$NUM_PROCESSES" "$HERE/$TRAIN_SCRIPT" \
+accelerate launch --config_file "$HERE/ds_config.yaml" --num_processes "$NUM_PROCESSES" "${MACHINES[@]}" \
+  "$HERE/$TRAIN_SCRIPT" \
   --pretrained_model_name_or_path "$MODEL_DIR" \
   --instance_data_dir "$DATA_DIR" \
   --output_dir "$OUTPUT_DIR" \

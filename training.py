@@ -22,7 +22,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, parse_flag_from_env, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
+import lora
 from errors import UsageError
 from imagefolder import load_image, read_metadata
 from models import max_image_side
@@ -52,7 +53,7 @@ MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counte
 #################################################################################
 
 def preprocess(image, resolution, center_crop=False, flip=False, rng=None):
-    """The authors' pre-processing (PROTOCOL.md, Training): shorter side to `resolution` (bilinear), random or
+    """The authors' pre-processing (PROTOCOL.md §1): shorter side to `resolution` (bilinear), random or
     centre crop to a square, optional h-flip, [-1, 1].
 
     Returns a (3, resolution, resolution) float tensor.
@@ -273,37 +274,46 @@ def step_generator(seed, step, micro_step, rank, device):
 
 
 def weighted_mse(pred, target, weighting):
-    """Plain flow-matching loss: mean of w_t * (pred - target)^2."""
-    return (weighting * (pred - target) ** 2).mean()
+    """Plain flow-matching loss: mean of w_t * (pred - target)^2, in fp32 whatever the inputs' dtype."""
+    return (weighting.float() * (pred.float() - target.float()) ** 2).mean()
 
 
-def build_loss(loss, wavelet_levels=1, wavelet_band_weights=(1.0, 1.0, 1.0, 1.0)):
-    """The training objective: "wlf" (the paper's wavelet loss, wavelet.WaveletLoss) or "mse"."""
-    return WaveletLoss(wavelet_levels, wavelet_band_weights) if loss == "wlf" else weighted_mse
+def build_loss(loss, wavelet_levels=1, wavelet_band_weights=(1.0, 1.0, 1.0, 1.0), coefficient_dtype=None):
+    """The training objective: "wlf" (the paper's wavelet loss, wavelet.WaveletLoss) or "mse".
+
+    coefficient_dtype: compute the wavelet coefficients in this dtype, as the authors did (PROTOCOL.md §4, Numerics).
+    """
+    if loss == "wlf":
+        return WaveletLoss(wavelet_levels, wavelet_band_weights, coefficient_dtype)
+    return weighted_mse
 
 
 def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype, weighting_scheme,
-                  logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=True):
+                  logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=True, latent_shift=True,
+                  loss_dtype=torch.float32):
     """The loss of one micro-batch: latents, noise at timesteps drawn by `weighting_scheme`, prediction, target.
 
     z_t = (1 - sigma) x0 + sigma eps. Preconditioned (the authors' code): x0_hat = output * (-sigma) + z_t against
     x0; otherwise the velocity eps - x0 (paper eq. 3). Weighted per sample by compute_loss_weighting_for_sd3.
+    x0 = (latents - shift_factor) * scaling_factor; latent_shift=False drops the shift as the authors' SD3 trainer
+    does. Latents, sigma, z_t and the prediction are `loss_dtype` tensors (PROTOCOL.md §4).
     """
     if "latent_dist" in batch:
         latents = DiagonalGaussianDistribution(batch["latent_dist"].float()).sample(generator)
     else:
         with torch.no_grad():
             latents = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist.sample(generator).float()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    shift = vae.config.shift_factor if latent_shift else 0.0
+    latents = (latents.to(loss_dtype) - shift) * vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device).to(loss_dtype)
     u = compute_density_for_timestep_sampling(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale,
                                               latents.device, generator)
     indices = (u * scheduler.config.num_train_timesteps).long().cpu()
     timesteps = scheduler.timesteps[indices].to(latents.device)
-    sigmas = scheduler.sigmas[indices].to(latents.device).view(-1, 1, 1, 1)
+    sigmas = scheduler.sigmas[indices].to(latents.device, loss_dtype).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     embeddings = {name: batch[name].to(model_dtype) for name in batch if name.endswith("prompt_embeds")}
-    output = predict(transformer, noisy.to(model_dtype), timesteps, embeddings).float()
+    output = predict(transformer, noisy.to(model_dtype), timesteps, embeddings).to(loss_dtype)
     if precondition_outputs:
         pred, target = output * (-sigmas) + noisy, latents
     else:
@@ -353,7 +363,7 @@ def configure_deepspeed(accelerator, train_batch_size, max_grad_norm, use_8bit_a
 
 
 def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
-    """AdamW with `settings` (lr, betas, eps, weight_decay; the paper's in PROTOCOL.md, Training).
+    """AdamW with `settings` (lr, betas, eps, weight_decay; the paper's in PROTOCOL.md §4).
 
     With DeepSpeed offloading the optimizer, its CPU AdamW (DeepSpeedCPUAdam, fp32 states in host memory) is the
     only choice: we build it ourselves so that betas and eps are ours too (accelerate's automatic swap keeps only
@@ -415,8 +425,10 @@ def resume(accelerator, output_dir, resume_from_checkpoint, problems):
     return state["global_step"]
 
 
-def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None):
-    """accelerator.save_state into checkpoint-N.tmp, then rename it to checkpoint-N, then prune the oldest.
+def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None, transformer=None):
+    """accelerator.save_state (and the diffusers `transformer/`, as the authors') into checkpoint-N.tmp, then rename
+    it to checkpoint-N, then prune the oldest. With the base pipeline named in trainer_state, the generation scripts
+    load checkpoint-N directly (PROTOCOL.md §4).
 
     A failed write (a full disk) removes the .tmp folder and raises UsageError; older checkpoints are untouched.
     """
@@ -428,6 +440,8 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=No
     problem = None
     try:
         accelerator.save_state(str(tmp))
+        if transformer is not None:
+            save_transformer(accelerator, transformer, tmp / "transformer")
         if accelerator.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
     except Exception as error:  # any failed write: disk full, quota, I/O error
@@ -464,9 +478,17 @@ def link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
+def save_transformer(accelerator, transformer, folder):
+    """The trained transformer as a diffusers folder (written by the main process; call it on every process)."""
+    state_dict = accelerator.get_state_dict(transformer)
+    if accelerator.is_main_process:
+        shutil.rmtree(folder, ignore_errors=True)
+        accelerator.unwrap_model(transformer).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+
+
 def save_pipeline(accelerator, transformer, pretrained_dir, output_dir):
     """Make output_dir a complete diffusers pipeline: the fine-tuned transformer plus the original components."""
-    state_dict = accelerator.get_state_dict(transformer)
+    save_transformer(accelerator, transformer, Path(output_dir) / "transformer")
     if not accelerator.is_main_process:
         return
     source, output_dir = Path(pretrained_dir), Path(output_dir)
@@ -475,9 +497,6 @@ def save_pipeline(accelerator, transformer, pretrained_dir, output_dir):
         if name.startswith("_") or name == "transformer" or not isinstance(entry, list) or None in entry:
             continue
         shutil.copytree(source / name, output_dir / name, copy_function=link_or_copy, dirs_exist_ok=True)
-    shutil.rmtree(output_dir / "transformer", ignore_errors=True)
-    accelerator.unwrap_model(transformer).save_pretrained(output_dir / "transformer", state_dict=state_dict,
-                                                          safe_serialization=True)
     shutil.copy2(source / "model_index.json", output_dir / "model_index.json")  # last: marks the pipeline complete
 
 
@@ -542,15 +561,44 @@ def check_args(args, spec):
                          f"with the F=16 VAE.")
 
 
+def launched_processes():
+    """How many processes the launcher started (torchrun and `accelerate launch` set WORLD_SIZE; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_cpu_job(launched):
+    """Whether the launched processes should form one CPU job (gloo): several of them, no GPU, no DeepSpeed.
+
+    Without this, `accelerate launch --multi_gpu` on a machine without GPUs gives every process a single-process
+    run of its own, all writing to one output folder."""
+    return launched > 1 and not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+
+
+def check_launch(accelerator, launched):
+    """Stop before anything is written unless the launched processes form one job (PROTOCOL.md §8)."""
+    if accelerator.num_processes != launched:
+        raise UsageError(
+            f"launch problem: the launcher started {launched} processes but each runs alone "
+            f"({accelerator.distributed_type.value}, {accelerator.num_processes} process), so they would train "
+            f"independent copies into one output folder. DeepSpeed through accelerate needs one GPU per process: on "
+            f"the CPU use --num_processes 1, or plain processes (`accelerate launch --multi_gpu --num_processes N` "
+            f"without the DeepSpeed config, or `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N`).")
+
+
 def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, report_to):
-    """The run's Accelerator (precision: the flag, else accelerate's, else bf16); quiet transformers and diffusers."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+    """The run's Accelerator (precision: the flag, else accelerate's, else bf16); quiet transformers and diffusers.
+
+    Refuses a launch whose processes would not form one job; several CPU processes become one gloo job."""
+    launched = launched_processes()
     accelerator = Accelerator(
+        cpu=is_cpu_job(launched),
         gradient_accumulation_steps=gradient_accumulation_steps,
         mixed_precision=mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16"),
         log_with=None if report_to == "none" else report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
+    check_launch(accelerator, launched)
+    output_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     for library in (transformers, diffusers):
         library.utils.logging.set_verbosity_error()
@@ -734,6 +782,7 @@ def train(args, spec):
     # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
     check_args(args, spec)
     model_dir, output_dir = args.pretrained_model_name_or_path, Path(args.output_dir)
+    lora_config = lora.check_training_flags(args, spec.transformer_class, model_dir)  # None: full fine-tuning
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
     configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm, args.use_8bit_adam)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -765,11 +814,16 @@ def train(args, spec):
     # Create the model, optimiser and learning-rate schedule:
     # DeepSpeed keeps fp32 master weights in its (offloaded) optimizer and runs the module in its precision: load it
     # in that precision (half the host memory per process). Plain accelerate trains fp32 weights under autocast.
-    transformer = load_transformer(spec, model_dir, weight_dtype if is_deepspeed else torch.float32,
+    # A LoRA run keeps the frozen base in the training precision and (without DeepSpeed) the adapter in fp32.
+    transformer = load_transformer(spec, model_dir, weight_dtype if is_deepspeed or lora_config else torch.float32,
                                    args.gradient_checkpointing)
+    params = transformer.parameters()
+    if lora_config:
+        params = lora.attach_for_training(transformer, lora_config, None if is_deepspeed else torch.float32)
+        lora.register_checkpoint_hooks(accelerator, spec.pipeline_class)
     guidance = args.guidance_scale if transformer.config.get("guidance_embeds") else None  # FLUX.1-dev: on
     predict = partial(spec.predict, guidance_scale=guidance)
-    optimizer = build_optimizer(transformer.parameters(), accelerator, args.use_8bit_adam, lr=args.learning_rate,
+    optimizer = build_optimizer(params, accelerator, args.use_8bit_adam, lr=args.learning_rate,
                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                 weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer,  # stepped once per process, as in diffusers' examples
@@ -777,9 +831,12 @@ def train(args, spec):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model_dtype = accelerator.unwrap_model(transformer).dtype
-    loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights)
+    loss_dtype = weight_dtype if args.loss_precision == "autocast" else torch.float32
+    loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights,
+                         loss_dtype if args.loss_precision == "autocast" else None)
     loss_settings = dict(weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-                         mode_scale=args.mode_scale, precondition_outputs=args.precondition_outputs)
+                         mode_scale=args.mode_scale, precondition_outputs=args.precondition_outputs,
+                         latent_shift=args.latent_shift, loss_dtype=loss_dtype)
 
     # Resume (model, optimiser, schedule; the data stream and the noise follow from the step):
     start_step = resume(accelerator, output_dir, args.resume_from_checkpoint, problems)
@@ -825,8 +882,10 @@ def train(args, spec):
             log_step(accelerator, progress, loss_log, global_step, step_losses, lr_scheduler.get_last_lr()[0])
             step_losses = []
             if global_step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, {"global_step": global_step, **problems.gather()},
-                                args.checkpoints_total_limit)
+                state = {"global_step": global_step, "base_pipeline": str(Path(model_dir).resolve()),
+                         **problems.gather()}
+                save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit,
+                                None if lora_config else transformer)  # a LoRA checkpoint holds its adapter
             if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                 validate(transformer, global_step)
     except UsageError as error:  # raised on every process at the same step (non-finite loss, failed checkpoint)
@@ -840,7 +899,12 @@ def train(args, spec):
 
     # Save the fine-tuned pipeline (the fine-tuned transformer + the original components):
     accelerator.wait_for_everyone()
-    save_pipeline(accelerator, transformer, model_dir, output_dir)
+    if lora_config:  # the adapter as diffusers' LoRA trainers write it; with --merge_lora also the merged pipeline
+        lora.save_adapter(accelerator, transformer, spec.pipeline_class, output_dir)
+        if args.merge_lora:
+            lora.merged_transformer(accelerator.unwrap_model(transformer))
+    if not lora_config or args.merge_lora:
+        save_pipeline(accelerator, transformer, model_dir, output_dir)
     if validate and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
         validate(transformer, global_step)
     accelerator.wait_for_everyone()
@@ -854,7 +918,7 @@ def train(args, spec):
 #################################################################################
 
 def build_parser(description, spec):
-    """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md, Training), per model from `spec`."""
+    """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md §4), per model from `spec`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder")
     p.add_argument("--instance_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)")
@@ -896,6 +960,12 @@ def build_parser(description, spec):
     p.add_argument("--precondition_outputs", action=argparse.BooleanOptionalAction, default=True,
                    help="the authors' x0 target (output * -sigma + z_t vs x0); "
                         "--no-precondition_outputs: velocity eps - x0")
+    p.add_argument("--latent_shift", action=argparse.BooleanOptionalAction, default=True,
+                   help="x0 = (latents - shift_factor) * scaling_factor, the form the pipelines decode; "
+                        "--no-latent_shift: latents * scaling_factor, as the authors' SD3 trainer")
+    p.add_argument("--loss_precision", choices=["fp32", "autocast"], default="fp32",
+                   help="fp32: latents, sigma, z_t, prediction and loss in fp32; autocast: in the --mixed_precision "
+                        "dtype, the wavelet coefficients too, as the authors (only the squared errors in fp32)")
     if spec.train_guidance_scale is not None:
         p.add_argument("--guidance_scale", type=float, default=spec.train_guidance_scale,
                        help="guidance embedding value while training")
@@ -910,5 +980,6 @@ def build_parser(description, spec):
     p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation_images", type=int, default=1)
     p.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
+    lora.add_training_flags(p)
     return p
 

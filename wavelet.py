@@ -1,4 +1,4 @@
-"""Haar DWT / IDWT on (B, C, H, W) tensors and the wavelet (WLF) loss of Diffusion-4K (SPEC section 3)."""
+"""Haar DWT / IDWT on (B, C, H, W) tensors and the wavelet (WLF) loss of Diffusion-4K (PROTOCOL.md §3)."""
 import argparse
 import functools
 import math
@@ -10,7 +10,7 @@ import torch.nn as nn
 # i.e. horizontal edges. Against pywt.dwt2(x, "haar") -> (cA, (cH, cV, cD)): LL = cA, LH = cH, HL = cV,
 # HH = cD, with the same signs. One level, on the 2x2 block [[a, b], [c, d]]:
 #   LL = (a + b + c + d) / 2   LH = (a + b - c - d) / 2   HL = (a - b + c - d) / 2   HH = (a - b - c + d) / 2
-# i.e. low-pass (even + odd)/sqrt2, high-pass (even - odd)/sqrt2: SPEC's H = [-1, 1]/sqrt2 applied, as pywt
+# i.e. low-pass (even + odd)/sqrt2, high-pass (even - odd)/sqrt2: the filter H = [-1, 1]/sqrt2 applied, as pywt
 # applies it, as a convolution (the taps reversed).
 # Odd sizes: the last row / column is repeated before the step. For a 2-tap filter that is exactly pywt's
 # default "symmetric" mode, so odd sizes match pywt too.
@@ -63,7 +63,7 @@ class _ParsevalWLF(torch.autograd.Function):
         w_ll ||LL_J||^2 + w * sum_details ||band||^2 = w ||d||^2 + (w_ll - w) ||LL_J||^2,   d = pred - target,
     with LL_J = (2^J x 2^J block sums of d) / 2^J. Nothing but d and the block sums is computed, and the
     gradient 2 (w d + (w_ll - w) IDWT(LL_J)) (IDWT of a lone LL: nearest upsampling, / 2^J) is written straight
-    into its buffer. Equal weights are w * MSE exactly: SPEC 3.4's finding, used as the computation."""
+    into its buffer. Equal weights are w * MSE exactly (PROTOCOL.md §3), used as the computation."""
 
     @staticmethod
     def forward(ctx, pred, target, weights, w_ll, w, levels):
@@ -156,6 +156,27 @@ class _HaarRowGram(torch.autograd.Function):
         return grad_x.view(B, C, 2 * h, W), None
 
 
+def haar_dwt2d_as_authors(x, levels=1):
+    """haar_dwt2d as the authors' pytorch_wavelets computes it in x's own dtype (bf16 under their autocast): along W,
+    then along H, each output a 2-tap sum with the taps 1/sqrt2 rounded to x.dtype, products summed in fp32 and
+    rounded once to x.dtype; odd sizes zero-padded (their mode="zero"). Same layout as haar_dwt2d."""
+    tap = torch.tensor(2**-0.5, dtype=x.dtype).float()
+
+    def step(x, dim):
+        if x.shape[dim] % 2:
+            x = torch.cat([x, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+        even, odd = (x[..., 0::2, :], x[..., 1::2, :]) if dim == -2 else (x[..., 0::2], x[..., 1::2])
+        even, odd = even.float() * tap, odd.float() * tap
+        return (even + odd).to(x.dtype), (even - odd).to(x.dtype)
+
+    details = []
+    for _ in range(levels):
+        low_w, high_w = step(x, -1)
+        (x, lh), (hl, hh) = step(low_w, -2), step(high_w, -2)
+        details.append((lh, hl, hh))
+    return [x] + details[::-1]
+
+
 def parse_band_weights(text):
     """Parse "LL,LH,HL,HH" weights such as "1,2,2,2"; usable as an argparse `type=`."""
     try:
@@ -173,9 +194,13 @@ def parse_band_weights(text):
 class WaveletLoss(nn.Module):
     """L_WLF = sum_b w_b sum_bands w_band ||DWT(pred - target)_band||^2 / (number of coefficients): the
     weighted mean over all sub-band coefficients. The LL weight applies to the final (coarsest) LL, the
-    LH / HL / HH weights to the detail bands of every level. Equal weights 1 on even sizes == MSE exactly."""
+    LH / HL / HH weights to the detail bands of every level. Equal weights 1 on even sizes == MSE exactly.
 
-    def __init__(self, levels=1, band_weights=(1.0, 1.0, 1.0, 1.0)):
+    coefficient_dtype (e.g. torch.bfloat16): the authors' numerics (PROTOCOL.md §4, Numerics): the coefficients of
+    pred and target computed in that dtype (haar_dwt2d_as_authors), only their squared differences in fp32.
+    """
+
+    def __init__(self, levels=1, band_weights=(1.0, 1.0, 1.0, 1.0), coefficient_dtype=None):
         super().__init__()
         if isinstance(band_weights, str):
             band_weights = parse_band_weights(band_weights)
@@ -184,10 +209,10 @@ class WaveletLoss(nn.Module):
         band_weights = tuple(float(w) for w in band_weights)
         if len(band_weights) != 4 or min(band_weights) < 0:
             raise ValueError(f"band_weights must be four non-negative (LL, LH, HL, HH) weights, got {band_weights}")
-        self.levels, self.band_weights = int(levels), band_weights
+        self.levels, self.band_weights, self.coefficient_dtype = int(levels), band_weights, coefficient_dtype
 
     def extra_repr(self):
-        return f"levels={self.levels}, band_weights={self.band_weights}"
+        return f"levels={self.levels}, band_weights={self.band_weights}, coefficient_dtype={self.coefficient_dtype}"
 
     def forward(self, pred, target, weighting=None):
         """pred, target: (B, C, H, W), any float dtype; weighting: None, a scalar or one weight per sample."""
@@ -205,6 +230,8 @@ class WaveletLoss(nn.Module):
             weights = self._per_sample(weighting, B).to(pred.device, dtype).expand(B) / (B * C * H * W)
         w_ll, w_lh, w_hl, w_hh = self.band_weights
         with torch.autocast(pred.device.type, enabled=False):  # sums of squares must not run in bf16
+            if self.coefficient_dtype is not None:
+                return torch.dot(self._rounded_band_energies(pred, target), weights)
             if w_lh == w_hl == w_hh and H % 2**self.levels == 0 and W % 2**self.levels == 0:
                 return _ParsevalWLF.apply(pred, target, weights, w_ll, w_lh, self.levels)
             # Unequal detail weights or padding at some level: every band's energy, from 2x2 Gram matrices.
@@ -220,6 +247,18 @@ class WaveletLoss(nn.Module):
                 count += x[0].numel() // 4 * (4 if last else 3)
                 x, scale = x_next, scale / 4
             return torch.dot(per_sample, weights) * (C * H * W / count)
+
+    def _rounded_band_energies(self, pred, target):
+        """Per sample, sum_bands w_band ||band(pred) - band(target)||^2 * C*H*W / coefficients, the bands computed in
+        coefficient_dtype as the authors did."""
+        pred_bands, target_bands = (haar_dwt2d_as_authors(x.to(self.coefficient_dtype), self.levels)
+                                    for x in (pred, target))
+        pairs = [(self.band_weights[0], pred_bands[0], target_bands[0])]
+        for pred_level, target_level in zip(pred_bands[1:], target_bands[1:]):
+            pairs += zip(self.band_weights[1:], pred_level, target_level)
+        per_sample = sum(w * (p.float() - t.float()).square().sum((1, 2, 3)) for w, p, t in pairs)
+        count = sum(p[0].numel() for _, p, _ in pairs)
+        return per_sample * (pred[0].numel() / count)
 
     @staticmethod
     def _per_sample(weighting, batch):

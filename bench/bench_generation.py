@@ -1,6 +1,6 @@
 """Benchmark 4K generation: seconds per denoising step, VAE decode, peak GPU memory and MFU of SD3-medium / FLUX.1-dev.
 
-GPU: the full-size architectures of SPEC §7 (text encoders included) with random weights, bf16, built directly on
+GPU: the full-size architectures of PROTOCOL.md §11 (text encoders included) with random weights, bf16, built directly on
 the GPU; 4096x4096 and 4096x3072, without and with `--cpu_offload model`.
 --smoke: the tiny checkpoints on the CPU at small sizes, printing the same JSON fields, plus a meta-device build
 of the full-size architectures (parameter counts) and the analytic FLOPs of a 4K step.
@@ -28,13 +28,13 @@ from tiny_models import VAE_FACTORS, build_clip_tokenizer, build_t5_tokenizer, s
 
 # Short enough for the tiny CLIP tokenizer's 77 tokens (it spells unknown words byte by byte).
 PROMPT = "a photo of a red castle on a mountain lake at sunset, highly detailed"
-# Paper Table 5 (one A100, bf16, 4096x4096, SPEC §5): (s/step, GB) without and with CPU offload.
+# Paper Table 5 (one A100, bf16, 4096x4096, PROTOCOL.md §5): (s/step, GB) without and with CPU offload.
 PAPER_A100 = {("sd3", "none"): (1.16, 31.3), ("sd3", "model"): (1.22, 16.1),
               ("flux", "none"): (2.42, 50.4), ("flux", "model"): (3.16, 26.9)}
 # Our targets on one H100 at 4096x4096: (s/step or None, GB).
 H100_TARGETS = {("sd3", "none"): (0.30, 24.0), ("sd3", "model"): (None, 12.0),
                 ("flux", "none"): (0.80, 40.0), ("flux", "model"): (None, 26.0)}
-# Parameter counts of the released models (billions; transformers from SPEC §7, encoders from their model cards).
+# Parameter counts of the released models (billions; transformers from PROTOCOL.md §11, encoders from their model cards).
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)  # SD3-medium's transformer
@@ -75,7 +75,7 @@ def t5_xxl_config(tokenizer):
 
 
 def full_size_vae(kind):
-    """The SD3 / Flux AutoencoderKL (SPEC §7) with that model's latent scaling and shift."""
+    """The SD3 / Flux AutoencoderKL (PROTOCOL.md §11) with that model's latent scaling and shift."""
     scaling, shift = VAE_FACTORS[kind]
     return AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                          block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=16,
@@ -84,7 +84,7 @@ def full_size_vae(kind):
 
 
 def full_size_models(model, clip_tok, t5_tok):
-    """Random-weight networks of SD3-medium or FLUX.1-dev (SPEC §7), built on the current default device and dtype."""
+    """Random-weight networks of SD3-medium or FLUX.1-dev (PROTOCOL.md §11), built on the current default device and dtype."""
     if model == "sd3":
         return {
             "transformer": SD3Transformer2DModel(**SD3_MEDIUM),

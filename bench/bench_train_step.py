@@ -1,5 +1,5 @@
 """One SD3 WLF training step (training.py's loss, models.py's SD3 transformer call, AdamW): seconds per step, images/s,
-peak memory (over all cases) and MFU. On a GPU: SD3-medium size (SPEC §7, random weights), 4096², batch 1, bf16
+peak memory (over all cases) and MFU. On a GPU: SD3-medium size (PROTOCOL.md §11, random weights), 4096², batch 1, bf16
 autocast, gradient checkpointing. --smoke: the tiny model on the CPU at 256². Reference in the same run: plain MSE.
 
     python -m bench.bench_train_step            # needs a CUDA GPU (target: >= 0.59 images/s on one H100)

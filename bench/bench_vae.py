@@ -1,4 +1,4 @@
-"""Benchmark the F=16 VAE's three decode modes: peak memory and time, last layer alone and whole decoder (SPEC §7).
+"""Benchmark the F=16 VAE's three decode modes: peak memory and time, last layer alone and whole decoder (PROTOCOL.md §11).
 
 Every figure is compared with `full` (the un-partitioned up-sample + conv) measured in the same run. CPU peaks are
 the RSS high-water mark (ru_maxrss, reset just before the call) of a fresh interpreter per measurement, above its RSS
@@ -30,7 +30,7 @@ GIB = 2 ** 30
 #################################################################################
 
 def sd3_vae(dtype, device):
-    """The full-size SD3 / Flux VAE topology (SPEC §7) with random weights."""
+    """The full-size SD3 / Flux VAE topology (PROTOCOL.md §11) with random weights."""
     torch.manual_seed(0)
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,

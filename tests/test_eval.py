@@ -1,4 +1,4 @@
-"""eval.py / detail_metrics.py: GLCM Score and Compression Ratio equal the authors' reference (SPEC §6.3–6.4)."""
+"""eval.py / detail_metrics.py: GLCM Score and Compression Ratio equal the authors' reference (PROTOCOL.md §6)."""
 import argparse
 import io
 import json
@@ -32,7 +32,7 @@ def reference_grey64(rgb):
     """OpenCV's COLOR_BGR2GRAY on uint8 (15-bit fixed point, round half up), then 64 levels.
 
     OpenCV 4.10.0.84 (the authors' pin), 4.14 and 5.0 all give exactly this on the 2^24 colours; the
-    14-bit form in SPEC §6.3, (1868·B + 9617·G + 4899·R + 8192) >> 14, differs on 43,864 of them.
+    14-bit form often quoted, (1868·B + 9617·G + 4899·R + 8192) >> 14, differs on 43,864 of them.
     """
     r, g, b = (rgb[..., k].astype(np.int64) for k in range(3))
     y = np.right_shift(3735 * b + 19235 * g + 9798 * r + (1 << 14), 15)

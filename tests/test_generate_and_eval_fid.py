@@ -1,8 +1,10 @@
 """generate_and_eval_fid.py: end to end on tiny models, resumable, sharded, and each metric against a reference."""
 import csv
+import io
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from detail_metrics import compression_ratio
+from detail_metrics import compression_ratio, glcm_score
 from errors import UsageError
 from fid_metrics import (add_fid_images, aesthetic_scores, clip_scores, count_truncated, fid_tensor,
                          load_aesthetic_clip, load_aesthetic_head, load_clip_score_model, load_fid, read_eval_set)
@@ -273,3 +275,39 @@ def test_eval_set_reads_prompts_and_real_images_next_to_the_jsonl(eval_set, tmp_
     broken.write_text(json.dumps({"file_name": "images/missing.jpg", "text": "a cat"}) + "\n")
     with pytest.raises(UsageError, match="missing.jpg"):
         read_eval_set(broken)
+
+
+#################################################################################
+#                       --protocol authors: their script's mix                  #
+#################################################################################
+
+def test_protocol_authors_takes_their_steps_and_t5_lengths():
+    common = ["--json_file", "eval.jsonl", "--save_path", "out"]
+    for model, tokens in (("sd3", 77), ("flux", 512)):
+        _, args = parse_args(common + ["--model", model, "--protocol", "authors"])
+        assert (args.num_inference_steps, args.guidance_scale, args.max_sequence_length) == (50, 7.0, tokens)
+    _, paper = parse_args(common)
+    assert (paper.protocol, paper.num_inference_steps) == ("paper", 28)  # the paper's text for SD3
+
+
+def test_protocol_authors_scores_glcm_and_cr_on_q95_jpegs_and_the_rest_on_lossless_pixels(single_run, tiny_ckpts,
+                                                                                           eval_set, metric_files,
+                                                                                           tmp_path):
+    save_path, paper = single_run
+    out = tmp_path / "authors"
+    shutil.copytree(save_path, out)  # the same PNGs: only the JPEGs are new
+    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, out, metric_files, "--protocol", "authors"))
+    authors = main(args)
+    pngs = sorted(out.glob("0*.png"))
+    jpgs = [png.with_suffix(".jpg") for png in pngs]
+    for png, jpg in zip(pngs, jpgs):  # what their `image.save(path, quality=95)` writes: Pillow's defaults, no metadata
+        encoded = io.BytesIO()
+        Image.open(png).convert("RGB").save(encoded, format="JPEG", quality=95)
+        assert jpg.read_bytes() == encoded.getvalue()
+    for key in ("fid", "clip_score", "aesthetics"):  # on the lossless pixels, as their in-memory images
+        assert authors[key] == pytest.approx(paper[key], rel=1e-9, abs=1e-9)
+    assert authors["glcm_score"] == pytest.approx(np.mean([glcm_score(jpg) for jpg in jpgs]), abs=1e-12)
+    assert authors["glcm_score"] != pytest.approx(paper["glcm_score"], abs=1e-6)
+    raw = sum(SIZE * SIZE * 3 for _ in jpgs)
+    assert authors["compression_ratio"] == pytest.approx(raw / sum(os.path.getsize(jpg) for jpg in jpgs), rel=1e-12)
+    assert json.loads((out / "metrics.json").read_text())["settings"]["protocol"] == "authors"

@@ -28,12 +28,12 @@ def _flag(args, name):
     return args[args.index(name) + 1]
 
 
-@pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len", [
-    ("train_sd3.sh", "8", "2", "2", 77),
-    ("train_flux.sh", "4", "8", "1", 512),
+@pytest.mark.parametrize("script, per_device, processes, accumulation, seq_len, weighting", [
+    ("train_sd3.sh", "8", "2", "2", 77, "logit_normal"),
+    ("train_flux.sh", "4", "8", "1", 77, "none"),  # the authors' Flux trainer defaults (PROTOCOL.md §4)
 ])
 def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, per_device, processes, accumulation,
-                                                 seq_len):
+                                                 seq_len, weighting):
     result, args = _launch(repo_root, tmp_path, script)
     assert result.returncode == 0, result.stderr
     assert args[args.index("--config_file") + 1].endswith("ds_config.yaml")
@@ -45,7 +45,7 @@ def test_launch_scripts_pass_the_papers_settings(repo_root, tmp_path, script, pe
     flags = trainer.parse_args(args[args.index(str(repo_root / trainer.__name__) + ".py") + 1:])  # what the run gets
     assert (flags.resolution, flags.learning_rate, flags.lr_scheduler, flags.max_train_steps,
             flags.checkpointing_steps, flags.gradient_checkpointing) == (4096, 1e-6, "constant", 20000, 5000, True)
-    assert flags.max_sequence_length == seq_len
+    assert (flags.max_sequence_length, flags.weighting_scheme) == (seq_len, weighting)
     assert getattr(flags, "guidance_scale", None) == (3.5 if script == "train_flux.sh" else None)
     assert args[-2:] == ["--report_to", "none"]
 
@@ -54,3 +54,16 @@ def test_a_global_batch_that_does_not_divide_is_refused(repo_root, tmp_path):
     result, args = _launch(repo_root, tmp_path, "train_sd3.sh", NUM_PROCESSES="3")
     assert result.returncode != 0 and not args
     assert "global batch of 32" in result.stderr
+
+
+def test_a_multi_node_launch_passes_the_machines_to_accelerate(repo_root, tmp_path):
+    result, args = _launch(repo_root, tmp_path, "train_flux.sh", NUM_MACHINES="2", MACHINE_RANK="1",
+                           MAIN_PROCESS_IP="10.0.0.1")
+    assert result.returncode == 0, result.stderr
+    assert [_flag(args, flag) for flag in ("--num_machines", "--machine_rank", "--main_process_ip",
+                                           "--main_process_port", "--num_processes")] == ["2", "1", "10.0.0.1",
+                                                                                          "29500", "8"]
+    (tmp_path / "no-rank").mkdir()
+    result, args = _launch(repo_root, tmp_path / "no-rank", "train_flux.sh", NUM_MACHINES="2",
+                           MAIN_PROCESS_IP="10.0.0.1")
+    assert result.returncode != 0 and not args and "MACHINE_RANK" in result.stderr

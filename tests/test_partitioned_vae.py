@@ -122,7 +122,7 @@ def test_encoder_is_stride_two_conv_in():
 
 def test_4096_image_gives_256_latent_and_decodes_back():
     torch.manual_seed(0)
-    # Thin but with the SPEC topology (4 blocks, 16 latent channels); no mid attention: 65,536 tokens on a CPU.
+    # Thin but with the SD3/Flux VAE topology (4 blocks, 16 latent channels); no mid attention: 65,536 tokens on a CPU.
     vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         block_out_channels=(4, 4, 4, 4), layers_per_block=1, latent_channels=16, norm_num_groups=2,
                         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False).eval()

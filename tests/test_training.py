@@ -14,11 +14,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data as skdata
 from torchvision import transforms
 
+import generation
 import train_flux
 import train_sd3
 import training
@@ -73,7 +75,7 @@ def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
 
 
 def launch_deepspeed(script, *flags):
-    """`accelerate launch --config_file ds_config.yaml` on one CPU process without mixed precision (SPEC §8)."""
+    """`accelerate launch --config_file ds_config.yaml` on one CPU process without mixed precision (PROTOCOL.md §8)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "ds_config.yaml"),
            "--num_processes", "1", "--mixed_precision", "no", "--main_process_port", "0", str(ROOT / script), *flags]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -116,6 +118,7 @@ def test_deepspeed_zero2_with_cpu_optimizer_trains_and_writes_a_loadable_pipelin
                                  "optimizer": "DeepSpeedCPUAdam", "zero_stage": 2, "offload_optimizer": "cpu"}
     assert len(summary["losses"]) == 3 and np.isfinite(summary["losses"]).all()
     assert (out / "checkpoint-2/pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt").is_file()  # ZeRO shards
+    assert transformer_difference(out / "checkpoint-2", tiny_ckpts[kind]) > 0  # and the step-2 transformer
     assert 0 < transformer_difference(out, tiny_ckpts[kind]) < 1e-3  # lr 1e-6: trained, but barely moved
     pipe = load_pipeline(kind, out, dtype="fp32", device="cpu")  # what test_sd3.py / test_flux.py load
     assert pipe.vae_scale_factor == 16
@@ -170,7 +173,7 @@ def test_equal_band_weights_give_the_mse_losses_and_1222_does_not(tiny_ckpts, da
                 cache=cache_dir)["losses"]
     weighted = train("sd3", ckpt, dataset, tmp_path / "w1222", "--loss", "wlf", "--wavelet_band_weights", "1,2,2,2",
                      cache=cache_dir)["losses"]
-    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # SPEC §3.4: orthonormal Haar, equal weights -> same objective
+    np.testing.assert_allclose(wlf, mse, rtol=1e-5)  # PROTOCOL.md §3: orthonormal Haar, equal weights: one objective
     # Same first batch and noise: detail bands counted twice, so MSE < L(1,2,2,2) < 2 MSE.
     assert 1.01 * mse[0] < weighted[0] < 2 * mse[0]
 
@@ -305,3 +308,132 @@ def test_use_8bit_adam_is_refused_where_deepspeed_would_ignore_it():
         training.configure_deepspeed(accelerator, 2, 1.0, use_8bit_adam=True)
     training.configure_deepspeed(accelerator, 2, 0.5, use_8bit_adam=False)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_clipping"]) == (2, 0.5)
+
+
+#################################################################################
+#                 The authors' protocol and the flags that give theirs           #
+#################################################################################
+
+@pytest.mark.parametrize("kind, weighting, tokens", [("sd3", "logit_normal", 77 + 77), ("flux", "none", 77)])
+def test_the_authors_t5_length_and_weighting_reach_each_trainer_by_default(tiny_ckpts, dataset, tmp_path, kind,
+                                                                           weighting, tokens):
+    out = tmp_path / "out"
+    TRAINERS[kind].main(TRAINERS[kind].parse_args([
+        "--pretrained_model_name_or_path", str(tiny_ckpts[kind]), "--instance_data_dir", str(dataset),
+        "--output_dir", str(out), "--resolution", "64", "--train_batch_size", "1", "--mixed_precision", "no",
+        "--report_to", "none", "--max_train_steps", "1"]))
+    settings = json.loads((out / "train_summary.json").read_text())["settings"]
+    assert (settings["max_sequence_length"], settings["weighting_scheme"]) == (77, weighting)
+    cached = [load_file(path) for path in (out / "cache/embeddings").iterdir()]
+    assert len(cached) == len(PHOTOS)
+    # SD3's sequence is CLIP's 77 tokens followed by T5's; Flux's is T5 alone.
+    assert {embedding["prompt_embeds"].shape[0] for embedding in cached} == {tokens}
+
+
+LATENT_DIST = torch.cat([torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+                         torch.full((2, 16, 8, 8), -4.0)], 1)  # mean, log-variance of two latents
+
+
+def fake_output(noisy):
+    """A fixed transformer output of noisy's shape."""
+    return torch.linspace(-1, 1, noisy.numel()).view(noisy.shape)
+
+
+def loss_inputs(tiny_ckpts, **settings):
+    """What training_loss hands the transformer (noisy latents) and the loss (pred, target), for LATENT_DIST and a
+    generator seeded with 1."""
+    vae = load_f16_vae(tiny_ckpts["sd3"], subfolder="vae")
+    scheduler = training.FlowMatchEulerDiscreteScheduler.from_pretrained(tiny_ckpts["sd3"], subfolder="scheduler")
+    batch = {"latent_dist": LATENT_DIST, "prompt_embeds": torch.zeros(2, 4, 8),
+             "pooled_prompt_embeds": torch.zeros(2, 8)}
+    seen = {}
+
+    def predict(transformer, noisy, timesteps, embeddings):
+        seen["noisy"] = noisy
+        return fake_output(noisy).to(noisy.dtype)
+
+    def loss_fn(pred, target, weighting):
+        seen.update(pred=pred, target=target)
+        return (pred.float() - target.float()).square().mean()
+
+    training.training_loss(None, predict, batch, vae, scheduler, loss_fn, torch.Generator().manual_seed(1),
+                           torch.float32, "logit_normal", **settings)
+    return seen, vae.config, scheduler
+
+
+def authors_chain(config, scheduler, dtype, shift=True):
+    """The authors' trainer re-implemented on the same random draws (latent sample, noise, logit-normal u), every
+    tensor in `dtype`: x0 = (z - shift) * scaling, z_t = sigma eps + (1 - sigma) x0, x0_hat = out * (-sigma) + z_t."""
+    generator = torch.Generator().manual_seed(1)
+    latents = DiagonalGaussianDistribution(LATENT_DIST).sample(generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    u = torch.sigmoid(torch.randn(2, generator=generator))
+    sigmas = scheduler.sigmas[(u * 1000).long()].view(-1, 1, 1, 1).to(dtype)
+    x0 = (latents.to(dtype) - (config.shift_factor if shift else 0.0)) * config.scaling_factor
+    noisy = sigmas * noise.to(dtype) + (1.0 - sigmas) * x0
+    return noisy, fake_output(noisy).to(dtype) * (-sigmas) + noisy, x0
+
+
+def test_no_latent_shift_moves_the_latents_by_exactly_shift_times_scaling(tiny_ckpts):
+    ours, config, _ = loss_inputs(tiny_ckpts)
+    theirs, _, _ = loss_inputs(tiny_ckpts, latent_shift=False)
+    offset = config.shift_factor * config.scaling_factor
+    assert offset > 0.09  # SD3: 0.0609 * 1.5305
+    torch.testing.assert_close(theirs["target"] - ours["target"], torch.full_like(ours["target"], offset))  # x0
+    noise_free = theirs["noisy"] - ours["noisy"]  # z_t moves by (1 - sigma) * offset: the same noise, the same sigma
+    assert (noise_free > 0).all()
+    torch.testing.assert_close(noise_free, noise_free[:, :1, :1, :1].expand_as(noise_free), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_precision_sets_the_dtype_of_latents_noise_sigma_and_prediction(tiny_ckpts, dtype):
+    seen, config, scheduler = loss_inputs(tiny_ckpts, loss_dtype=dtype)
+    noisy, pred, target = authors_chain(config, scheduler, dtype)
+    assert seen["pred"].dtype == seen["target"].dtype == dtype
+    exact = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(seen["target"], target, **exact)
+    torch.testing.assert_close(seen["noisy"], noisy.float(), **exact)
+    torch.testing.assert_close(seen["pred"], pred, **exact)
+    if dtype == torch.bfloat16:
+        fp32, _, _ = loss_inputs(tiny_ckpts)
+        assert 0 < (seen["pred"].float() - fp32["pred"]).abs().max() < 0.05  # bf16 rounding, nothing else
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_checkpoint_2_holds_the_step_2_transformer_and_the_generation_clis_load_it(tiny_ckpts, dataset, cache_dir,
+                                                                                   tmp_path, kind):
+    train(kind, tiny_ckpts[kind], dataset, tmp_path / "three", "--max_train_steps", "3", "--checkpointing_steps", "2",
+          cache=cache_dir)
+    train(kind, tiny_ckpts[kind], dataset, tmp_path / "two", cache=cache_dir)  # what save_pipeline writes at step 2
+    checkpoint = tmp_path / "three/checkpoint-2"
+    assert transformer_difference(checkpoint, tmp_path / "two") == 0
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["base_pipeline"] == str(tiny_ckpts[kind].resolve())
+    assert not (checkpoint / "vae").exists() and not (checkpoint / "model_index.json").exists()  # nothing copied
+    images = []
+    for source, out in ((checkpoint, tmp_path / "from-checkpoint"), (tmp_path / "two", tmp_path / "from-pipeline")):
+        saved = generation.cli(kind, ["--checkpoint_path", str(source), "--prompt", "a photo of a cat", "--height",
+                                      "64", "--width", "64", "--num_inference_steps", "2", "--device", "cpu",
+                                      "--dtype", "fp32", "--save_path", str(out)])
+        images.append(np.asarray(Image.open(saved[0])))
+    np.testing.assert_array_equal(images[0], images[1])
+    # A moved base pipeline is named in the error, before anything is loaded.
+    state["base_pipeline"] = str(tmp_path / "gone")
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(UsageError, match="base pipeline .*gone"):
+        load_pipeline(kind, checkpoint, dtype="fp32", device="cpu")
+    # Resuming from it still works, and --checkpoints_total_limit prunes whole checkpoint folders.
+    train(kind, tiny_ckpts[kind], dataset, tmp_path / "three", "--max_train_steps", "4", "--checkpointing_steps", "2",
+          "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", cache=cache_dir)
+    assert [p.name for _, p in training.list_checkpoints(tmp_path / "three")] == ["checkpoint-4"]
+    assert transformer_difference(tmp_path / "three/checkpoint-4", tmp_path / "three") == 0
+
+
+def test_loss_precision_autocast_reaches_the_loss_of_a_bf16_run(tiny_ckpts, dataset, cache_dir, tmp_path):
+    flags = ("--mixed_precision", "bf16", "--max_train_steps", "1")
+    ours = train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "fp32", *flags, cache=cache_dir)
+    theirs = train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "bf16", *flags, "--loss_precision", "autocast",
+                   cache=cache_dir)
+    assert theirs["settings"]["loss_precision"] == "autocast" and theirs["engine"]["mixed_precision"] == "bf16"
+    assert ours["losses"] != theirs["losses"]  # the same draws, only the rounding differs
+    np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=0.05)

@@ -1,4 +1,4 @@
-"""wavelet.py against pywavelets and plain MSE: exact Haar DWT/IDWT and the WLF loss (SPEC section 3)."""
+"""wavelet.py against pywavelets and plain MSE: exact Haar DWT/IDWT and the WLF loss (PROTOCOL.md §3)."""
 import argparse
 import json
 import math
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from wavelet import WaveletLoss, haar_dwt2d, haar_idwt2d, parse_band_weights
+from wavelet import WaveletLoss, haar_dwt2d, haar_dwt2d_as_authors, haar_idwt2d, parse_band_weights
 
 SHAPES = [(2, 3, 8, 6), (1, 2, 4, 10), (3, 1, 16, 16)]
 ODD_SHAPES = [(2, 2, 7, 5), (1, 3, 10, 13), (2, 1, 9, 12)]
@@ -116,12 +116,12 @@ def test_dwt_is_differentiable():
     assert torch.autograd.gradcheck(lambda ll, lh, hl, hh: haar_idwt2d([ll, (lh, hl, hh)]), bands)
 
 
-# ------------------------------------------------------------------ the loss (SPEC 3.2, 3.4)
+# ------------------------------------------------------------------ the loss (PROTOCOL.md §3)
 
 
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_equal_weights_equal_mse_exactly(levels):
-    """SPEC 3.4: with equal band weights on even sizes the WLF loss IS the MSE loss, gradients included."""
+    """PROTOCOL.md §3: with equal band weights on even sizes the WLF loss IS the MSE loss, gradients included."""
     torch.manual_seed(levels)
     pred = torch.randn(3, 4, 32, 24, requires_grad=True)
     target = torch.randn(3, 4, 32, 24)
@@ -256,6 +256,36 @@ def test_autocast_bf16_forward_and_backward():
     assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all() and conv.weight.grad.abs().sum() > 0
     ref = loss(pred.detach().float(), target, sd3_weighting(2))  # same bf16 prediction, loss in float32
     torch.testing.assert_close(value.detach(), ref, rtol=1e-6, atol=0)
+
+
+def authors_dwt(x):
+    """The authors' DWTForward(J=1, mode="zero", wave="haar") re-implemented: pywt's Haar filter bank reversed and
+    cast to x.dtype, one strided grouped conv along W, then one along H, bands LL, LH, HL, HH (even sizes)."""
+    wavelet = pywt.Wavelet("haar")
+    bank = torch.tensor([wavelet.dec_lo[::-1], wavelet.dec_hi[::-1]], dtype=x.dtype)  # (2 filters, 2 taps)
+    C = x.shape[1]
+    rows = F.conv2d(x, bank.view(2, 1, 1, 2).repeat(C, 1, 1, 1), stride=(1, 2), groups=C)
+    both = F.conv2d(rows, bank.view(2, 1, 2, 1).repeat(2 * C, 1, 1, 1), stride=(2, 1), groups=2 * C)
+    return both.unflatten(1, (C, 4)).unbind(2)
+
+
+def test_authors_numerics_compute_the_coefficients_in_bf16_as_their_dwt_does():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 16, 12).bfloat16(), torch.randn(2, 4, 16, 12).bfloat16()
+    weighting = torch.rand(2, 1, 1, 1) + 0.5
+    ll, (lh, hl, hh) = haar_dwt2d_as_authors(pred)
+    for ours, theirs in zip((ll, lh, hl, hh), authors_dwt(pred)):
+        assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs)
+    # Their loss: the four bands along channels, then the mean of w * (pred - target)^2 in fp32.
+    bands = [torch.cat(authors_dwt(x), 1).float() for x in (pred, target)]
+    theirs = trainer_mse(bands[0], bands[1], weighting)
+    value = WaveletLoss(1, coefficient_dtype=torch.bfloat16)(pred, target, weighting)
+    torch.testing.assert_close(value, theirs, rtol=1e-6, atol=0)
+    exact = WaveletLoss(1)(pred, target, weighting)  # the default: the same bf16 inputs, the DWT in fp32
+    assert 0 < abs(value - exact) / exact < 2**-7
+    pred.requires_grad_(True)
+    WaveletLoss(1, coefficient_dtype=torch.bfloat16)(pred, target, weighting).backward()
+    assert pred.grad.dtype == torch.bfloat16 and pred.grad.abs().sum() > 0
 
 
 def test_bad_inputs_speak_to_the_user():
