@@ -25,7 +25,7 @@ import lora
 import low_memory
 from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
-from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image
+from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image, vae_settings
 from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 
@@ -99,7 +99,8 @@ def write_results(save_path, metrics, rows):
 def generation_settings(args):
     """Everything that decides the images of an eval folder (stored with it, compared when a run resumes)."""
     return {"checkpoint_path": str(args.checkpoint_path), "model": args.model, "size": args.size,
-            **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed, "vae_f8": args.vae_f8,
+            **{flag: getattr(args, flag) for flag in SAMPLING_FLAGS}, "seed": args.seed,
+            **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
             "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve()),
             **lora.generation_settings(args.lora_path, args.lora_scale),
             **low_memory.from_args(args, changes_images=True)}
@@ -141,8 +142,9 @@ def main(args):
         mine = todo[state.process_index::state.num_processes]
         if mine:
             pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,
-                                 vae_f8=args.vae_f8, lora_path=args.lora_path, lora_scale=args.lora_scale,
-                                 **low_memory.from_args(args))
+                                 vae_mode=args.vae_mode, grid=args.grid,
+                                 vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
+                                 lora_scale=args.lora_scale, **low_memory.from_args(args))
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):

@@ -1,7 +1,7 @@
 """4K generation with the stock SD3 / Flux pipelines and the F=16 VAE: the core of test_sd3.py and test_flux.py.
 
 Public API (also used by generate_and_eval_fid.py; keep it stable):
-    load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, cpu_offload, vae_f8=False) -> pipeline
+    load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, cpu_offload, vae_path=None) -> pipeline
     generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed, ...) -> (PIL image, timings)
     output_stem / output_path / prompt_slug   file names that say what made the image
     save_image(image, path, metadata, extra=None, overwrite=False); read_image_settings(path)
@@ -27,7 +27,7 @@ import lora
 import low_memory
 from errors import UsageError, exit_on_usage_error
 from models import MODELS, Sampling, max_image_side, model_of
-from partitioned_vae import MODES, check_size, use_f16_vae
+from partitioned_vae import VAE_MODES, check_size, find_vae_dir, quiet_config_warning, use_f16_vae
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OFFLOADS = low_memory.OFFLOADS
@@ -165,7 +165,7 @@ def check_resolution(pipe, height, width):
     config, factor = pipe.transformer.config, pipe.vae_scale_factor
     max_pixels, patches = max_image_side(config, factor), config.get("pos_embed_max_size")
     if max_pixels and max(height, width) > max_pixels:  # Flux: rotary embeddings, no limit
-        hint = " Drop --vae_f8: the F=16 VAE halves the latent size." if factor == 8 else ""
+        hint = " Use an F=16 --vae_mode (e.g. partitioned): it halves the latent size." if factor == 8 else ""
         raise UsageError(f"{height}x{width} is too large for this transformer: its positional embedding covers "
                          f"{patches}x{patches} patches, i.e. at most {max_pixels} pixels a side with an "
                          f"F={factor} VAE.{hint}")
@@ -197,19 +197,24 @@ def read_prompts(prompt=None, prompt_file=None):
 #################################################################################
 
 def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda",
-                  cpu_offload="none", vae_f8=False, lora_path=None, lora_scale=1.0, layerwise_casting="none",
+                  cpu_offload="none", vae_path=None, lora_path=None, lora_scale=1.0, layerwise_casting="none",
                   quantize="none", vae_tiling=False, compile=False):
     """The stock diffusers pipeline of `model` ("sd3" | "flux") from a local folder, with the F=16 VAE.
 
-    vae_mode / grid: how the F=16 decoder computes its last layer (partitioned_vae.MODES; same result).
+    vae_mode (partitioned_vae.VAE_MODES): "f8" keeps the stock F=8 VAE (the paper's baseline); "full" /
+    "partitioned" / "subpixel" decode exactly (same image), "authors" with the authors' one-pixel crop (their SC-VAE
+    checkpoint flux_wavelet_v2_sc); grid: partitions per side. vae_path: a VAE folder (or pipeline folder with vae/)
+    to use instead of the checkpoint's, e.g. an SC-VAE from train_sc_vae.py.
     dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
     cpu_offload: "none" | "model" | "sequential" | "group" (diffusers' offload hooks; GPU only, ignored with a
-    warning on the CPU). vae_f8: keep the stock F=8 VAE (the paper's baseline). Raises UsageError on a missing file.
+    warning on the CPU). Raises UsageError on a missing file.
     lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). layerwise_casting, quantize,
     vae_tiling, compile: low_memory.py (a mode the device cannot run is refused before anything loads).
     """
     if model not in MODELS:
         raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
+    if vae_mode not in VAE_MODES:
+        raise UsageError(f"Unknown --vae_mode {vae_mode!r}: choose one of {', '.join(VAE_MODES)}.")
     if cpu_offload not in OFFLOADS:
         raise UsageError(f"Unknown --cpu_offload {cpu_offload!r}: choose one of {', '.join(OFFLOADS)}.")
     check_checkpoint(model, checkpoint_path)
@@ -222,7 +227,7 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
     quantization = low_memory.quantization_config(quantize)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        components = {}
+        components = {"vae": load_vae_folder(vae_path, torch_dtype)} if vae_path else {}
         if transformer is not None:  # a training checkpoint: its transformer, the rest from the base pipeline
             components["transformer"] = MODELS[model].transformer_class.from_pretrained(
                 transformer, torch_dtype=torch_dtype,
@@ -230,7 +235,7 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
             quantization = None
         pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype,
                                                             quantization_config=quantization, **components)
-    if not vae_f8:
+    if vae_mode != "f8":
         use_f16_vae(pipe, vae_mode, grid)
     if lora_path is not None:
         lora.load_lora(pipe, lora_path, lora_scale)
@@ -238,6 +243,22 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
         warnings.warn(f"--cpu_offload {cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
         cpu_offload = "none"
     return low_memory.apply_low_memory(pipe, device, cpu_offload, layerwise_casting, vae_tiling, compile)
+
+
+def load_vae_folder(vae_path, torch_dtype):
+    """The AutoencoderKL of a VAE folder or pipeline folder (F=8 as saved; load_pipeline converts it)."""
+    try:
+        vae_dir = find_vae_dir(vae_path)
+    except FileNotFoundError as error:
+        raise UsageError(f"--pretrained_vae_model_name_or_path: {error}") from None
+    with quiet_config_warning():
+        return diffusers.AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype)
+
+
+def vae_settings(vae_mode, grid, vae_path=None):
+    """What a saved image records about its VAE."""
+    return {"vae": "F8 (stock)" if vae_mode == "f8" else "F16", "vae_mode": vae_mode,
+            "grid": None if vae_mode == "f8" else grid, "vae_path": None if vae_path is None else str(vae_path)}
 
 
 def generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed=0, max_sequence_length=None,
@@ -303,20 +324,22 @@ def prompt_slug(prompt, max_chars=48):
     return slug or "prompt"
 
 
-def output_stem(model, prompt, height, width, guidance_scale, seed, vae_f8=False):
+def output_stem(model, prompt, height, width, guidance_scale, seed, vae_mode="partitioned"):
     """File name without extension that says what made the image, e.g.
     `sd3_a-snow-leopard-resting-on-a-lichen-covered-gran-1a2b3c4d_h4096-w3072_g7_seed0`.
 
-    The 8 hex digits hash the whole prompt, so prompts that share their first words get different names.
+    The 8 hex digits hash the whole prompt, so prompts that share their first words get different names. The VAE
+    modes that change the image are named (-f8, -authors); the exact F=16 modes give the same image and name.
     """
     digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
-    vae = "-f8" if vae_f8 else ""
+    vae = {"f8": "-f8", "authors": "-authors"}.get(vae_mode, "")
     return f"{model}{vae}_{prompt_slug(prompt)}-{digest}_h{height}-w{width}_g{guidance_scale:g}_seed{seed}"
 
 
-def output_path(save_path, model, prompt, height, width, guidance_scale, seed, save_format="png", vae_f8=False):
+def output_path(save_path, model, prompt, height, width, guidance_scale, seed, save_format="png",
+                vae_mode="partitioned"):
     """SAVE_PATH/<output_stem>.<png|jpg>."""
-    stem = output_stem(model, prompt, height, width, guidance_scale, seed, vae_f8)
+    stem = output_stem(model, prompt, height, width, guidance_scale, seed, vae_mode)
     return Path(save_path) / f"{stem}.{save_format}"
 
 
@@ -379,7 +402,7 @@ def main(args):
     check_checkpoint(args.model, args.checkpoint_path)
     seeds = [args.seed + i for i in range(args.num_images)]
     jobs = [(prompt, seed, output_path(args.save_path, args.model, prompt, args.height, args.width,
-                                       args.guidance_scale, seed, args.save_format, args.vae_f8))
+                                       args.guidance_scale, seed, args.save_format, args.vae_mode))
             for prompt in prompts for seed in seeds]
     existing = [p for _, _, path in jobs for p in (path, sidecar_path(path)) if p.exists()]
     if existing and not args.overwrite:
@@ -389,15 +412,15 @@ def main(args):
 
     # Load the pipeline:
     pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
-                         vae_f8=args.vae_f8, lora_path=args.lora_path, lora_scale=args.lora_scale,
-                         **low_memory.from_args(args))
+                         vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
+                         lora_scale=args.lora_scale, **low_memory.from_args(args))
     check_resolution(pipe, args.height, args.width)
     settings = {
         "model": args.model, "checkpoint_path": str(args.checkpoint_path),
         "height": args.height, "width": args.width, "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
-        "vae": "F8 (stock)" if args.vae_f8 else "F16", "vae_mode": None if args.vae_f8 else args.vae_mode,
-        "grid": None if args.vae_f8 else args.grid, "scheduler": type(pipe.scheduler).__name__,
+        **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
+        "scheduler": type(pipe.scheduler).__name__,
         "dtype": args.dtype, "device": str(pipe._execution_device), **low_memory.from_args(args),
         **lora.generation_settings(args.lora_path, args.lora_scale),
         "generator": "torch.Generator('cpu').manual_seed(seed)",
@@ -429,7 +452,12 @@ def add_generation_flags(parser, sampling=None):
                             help=None if sampling else "default: the chosen model's (models.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
     parser.add_argument("--save_format", choices=("png", "jpg"), default="png", help="jpg: quality 95, as the authors")
-    parser.add_argument("--vae_f8", action="store_true", help="the stock F=8 VAE instead of the F=16 one (baseline)")
+    parser.add_argument("--vae_mode", choices=VAE_MODES, default="partitioned",
+                        help="f8: the stock F=8 VAE (baseline); full / partitioned / subpixel: the F=16 VAE, exact "
+                             "(same image); authors: F=16 with the authors' one-pixel crop (flux_wavelet_v2_sc)")
+    parser.add_argument("--grid", type=int, default=2, help="partitions per side (partitioned, authors)")
+    parser.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                        help="a VAE folder to use instead of the checkpoint's (e.g. an SC-VAE's OUTPUT_DIR/vae)")
     low_memory.add_generation_flags(parser)  # --cpu_offload, --layerwise_casting, --quantize, --vae_tiling, --compile
     lora.add_generation_flags(parser)  # --lora_path, --lora_scale
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
@@ -454,9 +482,6 @@ def build_parser(model):
     parser.add_argument("--num_images", type=int, default=1, help="images per prompt, with seeds seed, seed+1, ...")
     parser.add_argument("--save_path", default="outputs")
     parser.add_argument("--overwrite", action="store_true", help="replace existing images (otherwise refuse)")
-    parser.add_argument("--vae_mode", choices=MODES, default="partitioned",
-                        help="how the F=16 decoder's last layer runs (same image)")
-    parser.add_argument("--grid", type=int, default=2, help="partitions per side for --vae_mode partitioned")
     parser.add_argument("--device", default="cuda")
     return parser
 

@@ -5,12 +5,13 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 
-def read_metadata(path):
+def read_metadata(path, require_text=True):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
 
     A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, or names an image that does not
-    exist (`file_name` is relative to the jsonl's folder). Images are not decoded here.
+    exist (`file_name` is relative to the jsonl's folder). require_text False: `text` may be empty or absent (VAE
+    data such as SA-1B's). Images are not decoded here.
     """
     path = Path(path)
     if path.is_dir():
@@ -28,7 +29,7 @@ def read_metadata(path):
             except json.JSONDecodeError as error:
                 bad_lines.append(f"line {number}: invalid JSON ({error.msg})")
                 continue
-            for key in ("file_name", "text"):
+            for key in ("file_name", "text") if require_text else ("file_name",):
                 if not isinstance(entry, dict) or not isinstance(entry.get(key), str) or not entry[key].strip():
                     bad_lines.append(f"line {number}: no '{key}'")
                     break
@@ -37,7 +38,8 @@ def read_metadata(path):
                 if not image.is_file():
                     missing.append(f"line {number}: {entry['file_name']} does not exist")
                 else:
-                    records.append({"file_name": entry["file_name"], "text": entry["text"], "image": image})
+                    text = entry.get("text") if isinstance(entry.get("text"), str) else ""
+                    records.append({"file_name": entry["file_name"], "text": text, "image": image})
     return records, {"metadata_lines": bad_lines, "missing_images": missing}
 
 

@@ -5,6 +5,9 @@ applied after nearest 2x up-sampling, in one of three exact forms:
     full         conv(up2(x))                          one pass, builds the C x H x W hidden map
     partitioned  the same, tile by tile on a G x G grid, each tile read with a one-pixel halo at low resolution
     subpixel     pixel_shuffle(conv(x, K)), K = the 4 phase kernels of the pretrained 3x3 conv, no H x W map
+or as the authors' partitioned decoder computes it:
+    authors      conv(up2(x)) one pixel down and right, out[i, j] = full[i-1, j-1], tile by tile (their crop
+                 offset); the decoder of their SC-VAE checkpoint flux_wavelet_v2_sc was fine-tuned under it
 """
 import json
 import logging
@@ -19,7 +22,10 @@ from diffusers.image_processor import VaeImageProcessor
 
 from errors import UsageError
 
-MODES = ("full", "partitioned", "subpixel")
+MODES = ("full", "partitioned", "subpixel")  # the exact forms: all give conv(up2(x))
+AUTHORS_MODE = "authors"
+DECODE_MODES = MODES + (AUTHORS_MODE,)  # every F=16 decode
+VAE_MODES = ("f8",) + DECODE_MODES  # the scripts' --vae_mode: the stock F=8 VAE or an F=16 decode
 SIZE_MULTIPLE = 32  # F=16 latents, then 2x2 patches (SD3 patch_size 2, Flux 2x2 packing)
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -68,6 +74,29 @@ def partitioned_upsample_conv(x, weight, bias, grid=2):
     return out
 
 
+def authors_upsample_conv(x, weight, bias, grid=2):
+    """`full_upsample_conv` moved one pixel down and right, out[i, j] = full[i-1, j-1] (zero padding above and to the
+    left), computed tile by tile: the authors' partitioned decode.
+
+    Their tiles take the one-pixel halo and keep rows 1 .. 2h of each up-sampled tile's padded conv where the exact
+    crop is 2 .. 2h+1. On their 2 x 2 grid (the decoder's last map always has even sides) this is their output.
+    """
+    b, _, h, w = x.shape
+    out = x.new_empty(b, weight.shape[0], 2 * h, 2 * w)
+    rows, cols = partition_bounds(h, grid), partition_bounds(w, grid)
+    for r0, r1 in zip(rows, rows[1:]):
+        for c0, c1 in zip(cols, cols[1:]):
+            if r0 == r1 or c0 == c1:
+                continue
+            # Low-res rows r0-1 .. r1-1 up-sample to rows 2*r0-2 .. 2*r1-1; an unpadded conv gives output rows
+            # 2*r0-1 .. 2*r1-2, which land one row lower, at 2*r0 .. 2*r1-1.
+            tile = x[:, :, max(r0 - 1, 0):r1, max(c0 - 1, 0):c1]
+            tile = F.pad(tile, (int(c0 == 0), 0, int(r0 == 0), 0))
+            out[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"),
+                                                               weight, bias)
+    return out
+
+
 def phase_kernels(weight, bias):
     """The 3x3 kernels (4*Cout, Cin, 3, 3) and bias (4*Cout) whose pixel_shuffle(2) equals conv after nearest 2x."""
     dtype = torch.promote_types(weight.dtype, torch.float32)  # sum the taps in fp32 at least, then round once
@@ -93,9 +122,9 @@ class PartitionedConv(nn.Conv2d):
         self.set_mode(mode, grid)
 
     def set_mode(self, mode, grid=2):
-        """Choose how the up-sample + conv is computed (all three give the same result)."""
-        if mode not in MODES:
-            raise ValueError(f"Unknown decode mode {mode!r}: choose one of {', '.join(MODES)}.")
+        """Choose how the up-sample + conv is computed (the three exact MODES give the same result)."""
+        if mode not in DECODE_MODES:
+            raise ValueError(f"Unknown decode mode {mode!r}: choose one of {', '.join(DECODE_MODES)}.")
         if int(grid) < 1:
             raise ValueError(f"grid must be a positive number of partitions per side, got {grid}.")
         self.mode, self.grid = mode, int(grid)
@@ -105,6 +134,8 @@ class PartitionedConv(nn.Conv2d):
             return full_upsample_conv(x, self.weight, self.bias)
         if self.mode == "partitioned":
             return partitioned_upsample_conv(x, self.weight, self.bias, self.grid)
+        if self.mode == AUTHORS_MODE:
+            return authors_upsample_conv(x, self.weight, self.bias, self.grid)
         return subpixel_upsample_conv(x, self.weight, self.bias)
 
     def extra_repr(self):
@@ -138,7 +169,8 @@ def check_3x3_same(conv, name):
 def make_f16_vae(vae, mode="partitioned", grid=2):
     """Turn a pretrained F=8 AutoencoderKL into the F=16 one in place (no weight changes) and return it.
 
-    Calling it again on a converted VAE only switches `mode` / `grid`. The choice is recorded in the config
+    `mode`: one of DECODE_MODES; "authors" only for a decoder fine-tuned under the authors' crop (their SC-VAE
+    flux_wavelet_v2_sc). Calling it again on a converted VAE only switches `mode` / `grid`. The choice is recorded in the config
     (`f16_vae`), so `save_pretrained` writes the untouched weights plus that note and `load_f16_vae` restores it.
     """
     if not isinstance(vae, AutoencoderKL):

@@ -235,6 +235,29 @@ def save_tiny_metric_models(out_dir, seed=0):
     return paths
 
 
+def save_tiny_lpips_weights(out_dir, net="alex", seed=0):
+    """Random LPIPS weights in the formats of the real files: (backbone, heads) paths.
+
+    Backbone: torchvision's `features.*` state dict of AlexNet / VGG16 (as alexnet-owt-7be5be79.pth, without the
+    classifier nobody reads). Heads: `lin{k}.model.1.weight` 1x1 convs with non-negative weights, as the lpips
+    package's v0.1 files.
+    """
+    from torchvision.models import alexnet, vgg16
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    features = (alexnet if net == "alex" else vgg16)(weights=None).features
+    backbone = {f"features.{k}": v for k, v in features.state_dict().items()}
+    channels = [m.out_channels for m in features if isinstance(m, torch.nn.Conv2d)]
+    channels = [channels[i] for i in ((0, 1, 2, 3, 4) if net == "alex" else (1, 3, 6, 9, 12))]
+    heads = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) / c for k, c in enumerate(channels)}
+    paths = out_dir / f"random-lpips-{net}-backbone.pth", out_dir / f"random-lpips-{net}-heads.pth"
+    torch.save(backbone, paths[0])
+    torch.save(heads, paths[1])
+    return paths
+
+
 def main(args):
     paths = save_tiny_pipelines(args.out, args.seed)
     for kind, path in paths.items():

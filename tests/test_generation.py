@@ -1,4 +1,5 @@
 """The generation CLIs (test_sd3.py, test_flux.py), their core generation.py, and bench/flops.py."""
+import copy
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from errors import UsageError
 from generation import (build_parser, check_resolution, cli, load_pipeline, main, output_stem, read_image_settings,
                         read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
 from models import MODELS
+from partitioned_vae import make_f16_vae
 
 PROMPT = "a photo of a red castle under clouds, highly detailed"
 KINDS = ["sd3", "flux"]
@@ -80,17 +82,33 @@ def test_vae_modes_give_the_same_image(tiny_ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_pipeline_gets_the_f16_vae_unless_vae_f8(tiny_ckpts, kind):
+def test_pipeline_gets_the_f16_vae_unless_vae_mode_f8(tiny_ckpts, kind):
     f16 = load_pipeline(kind, tiny_ckpts[kind], dtype="fp32", device="cpu")
-    f8 = load_pipeline(kind, tiny_ckpts[kind], dtype="fp32", device="cpu", vae_f8=True)
+    f8 = load_pipeline(kind, tiny_ckpts[kind], dtype="fp32", device="cpu", vae_mode="f8")
     assert (f16.vae_scale_factor, f8.vae_scale_factor) == (16, 8)
     packing = 2 if kind == "flux" else 1  # Flux packs 2x2 latents: its image processor works in steps of 32
     assert f16.image_processor.config.vae_scale_factor == 16 * packing
     assert f16.vae.encoder.conv_in.stride == (2, 2) and f8.vae.encoder.conv_in.stride == (1, 1)
     if kind == "sd3":  # tiny SD3: 96x96 positional patches = 1536 px with F=8, 3072 px with F=16
         check_resolution(f16, 3072, 2048)
-        with pytest.raises(UsageError, match="Drop --vae_f8"):
+        with pytest.raises(UsageError, match="Use an F=16 --vae_mode"):
             check_resolution(f8, 2048, 1536)
+
+
+def test_a_separate_vae_folder_replaces_the_checkpoints_in_the_authors_mode(tiny_ckpts, tmp_path):
+    stock = load_pipeline("flux", tiny_ckpts["flux"], dtype="fp32", device="cpu", vae_mode="f8").vae
+    sc_vae = make_f16_vae(copy.deepcopy(stock), "authors")  # as train_sc_vae.py saves it: a changed decoder
+    with torch.no_grad():
+        sc_vae.decoder.conv_out.weight.mul_(0.5)
+    sc_vae.save_pretrained(tmp_path / "sc-vae" / "vae")
+    pipe = load_pipeline("flux", tiny_ckpts["flux"], vae_mode="authors", dtype="fp32", device="cpu",
+                         vae_path=tmp_path / "sc-vae")
+    assert pipe.vae.decoder.conv_out.mode == "authors" and pipe.vae_scale_factor == 16
+    assert torch.equal(pipe.vae.decoder.conv_out.weight, sc_vae.decoder.conv_out.weight)
+    with pytest.raises(UsageError, match="--pretrained_vae_model_name_or_path: .*does not exist"):
+        load_pipeline("flux", tiny_ckpts["flux"], dtype="fp32", device="cpu", vae_path=tmp_path / "none")
+    with pytest.raises(UsageError, match="Unknown --vae_mode 'f16'"):
+        load_pipeline("flux", tiny_ckpts["flux"], vae_mode="f16", dtype="fp32", device="cpu")
 
 
 def test_both_clis_run_as_scripts(tiny_ckpts, tmp_path, repo_root):
@@ -198,7 +216,10 @@ def test_names_say_what_made_the_image_and_never_collide():
     b = output_stem("flux", "Crème brûlée on a plate, " + "x" * 60 + " evening", 4096, 3072, 5.0, 7)
     assert a.startswith("flux_creme-brulee-on-a-plate") and a.endswith("_h4096-w3072_g5_seed7")
     assert a != b and all(c.isalnum() or c in "-_." for c in a)
-    assert output_stem("sd3", "x", 1024, 1024, 7.0, 0, vae_f8=True).startswith("sd3-f8_")
+    assert output_stem("sd3", "x", 1024, 1024, 7.0, 0, vae_mode="f8").startswith("sd3-f8_")
+    assert output_stem("sd3", "x", 1024, 1024, 7.0, 0, vae_mode="authors").startswith("sd3-authors_")
+    assert output_stem("sd3", "x", 1024, 1024, 7.0, 0, vae_mode="subpixel") == output_stem("sd3", "x", 1024, 1024,
+                                                                                            7.0, 0)
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])

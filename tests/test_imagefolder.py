@@ -28,6 +28,12 @@ def test_reader_keeps_good_lines_and_names_every_skipped_one(folder):
     assert load_image(folder / "ok.png").size == (40, 30)
 
 
+def test_vae_data_may_have_empty_or_no_text(folder):
+    records, problems = read_metadata(folder, require_text=False)
+    assert [(r["file_name"], r["text"]) for r in records] == [("ok.png", "a red square"), ("ok.png", "")]
+    assert len(problems["metadata_lines"]) == 1 and problems["missing_images"] == ["line 5: gone.png does not exist"]
+
+
 def test_eval_set_refuses_what_training_would_skip(folder):
     with pytest.raises(ValueError, match="2 unusable line.*line 2"):
         read_eval_set(folder / "metadata.jsonl")

@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL, FluxPipeline, StableDiffusion3Pipeline
 
 from partitioned_vae import (
     MODES,
+    authors_upsample_conv,
     check_size,
     is_f16_vae,
     load_f16_vae,
@@ -23,6 +24,25 @@ from tiny_models import build_tiny_vae
 def reference_upsample_conv(x, weight, bias):
     """Nearest 2x up-sampling of the whole map, then the 3x3 conv with padding 1."""
     return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+
+
+def authors_loop(x, weight, bias):
+    """The authors' partitioned last layer as they describe it: a 2 x 2 grid of quarter tiles, each read with a
+    one-pixel halo clipped at the border and zero-padded on the border side, nearest 2x, conv with padding 1,
+    then the crop [1 : 2h+1, 1 : 2w+1] of each tile."""
+    h, w = x.shape[2] // 2, x.shape[3] // 2
+    rows = []
+    for i in (0, h):
+        row = []
+        for j in (0, w):
+            tile = x[:, :, max(i - 1, 0):min(i + h + 1, 2 * h), max(j - 1, 0):min(j + w + 1, 2 * w)]
+            left, right = (1, 0) if j == 0 else (0, 1)
+            top, bottom = (1, 0) if i == 0 else (0, 1)
+            tile = F.pad(tile, (left, right, top, bottom))
+            tile = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+            row.append(tile[:, :, 1:2 * h + 1, 1:2 * w + 1])
+        rows.append(torch.cat(row, dim=3))
+    return torch.cat(rows, dim=2)
 
 
 def features_before_conv_out(vae, z):
@@ -42,6 +62,35 @@ def test_last_layer_modes_equal_reference(batch, h, w, grid):
     expected = reference_upsample_conv(x, weight, bias)
     assert (partitioned_upsample_conv(x, weight, bias, grid) - expected).abs().max() < 1e-5
     assert (subpixel_upsample_conv(x, weight, bias) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("batch,h,w", [(1, 8, 8), (2, 6, 10), (1, 16, 4)])
+def test_authors_mode_equals_their_loop_and_the_exact_decode_shifted_one_pixel(batch, h, w):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(batch, 16, h, w), torch.randn(3, 16, 3, 3) / 12, torch.randn(3)
+    ours = authors_upsample_conv(x, weight, bias, grid=2)
+    assert ours.shape == (batch, 3, 2 * h, 2 * w)
+    assert (ours - authors_loop(x, weight, bias)).abs().max() < 1e-5
+    exact = reference_upsample_conv(x, weight, bias)
+    assert (ours[:, :, 1:, 1:] - exact[:, :, :-1, :-1]).abs().max() < 1e-5  # one pixel down and right
+    assert (ours - exact).abs().max() > 0.1  # and so not the exact decode
+    # Any grid gives the same shifted decode (odd sizes included), tile by tile.
+    assert (authors_upsample_conv(x[:, :, 1:, 1:], weight, bias, grid=3)[:, :, 1:, 1:]
+            - reference_upsample_conv(x[:, :, 1:, 1:], weight, bias)[:, :, :-1, :-1]).abs().max() < 1e-5
+
+
+def test_authors_mode_decodes_as_their_decoder_and_survives_save_load(tmp_path):
+    original = build_tiny_vae("flux", seed=0).eval()
+    z = torch.randn(2, 16, 3, 4, generator=torch.Generator().manual_seed(5))
+    make_f16_vae(copy.deepcopy(original), "authors").save_pretrained(tmp_path / "vae")
+    vae = load_f16_vae(tmp_path)
+    assert vae.decoder.conv_out.mode == "authors"
+    with torch.no_grad():
+        hidden = features_before_conv_out(original, z)
+        expected = authors_loop(hidden, original.decoder.conv_out.weight, original.decoder.conv_out.bias)
+        image = vae.decode(z).sample
+    assert image.shape == (2, 3, 48, 64)
+    assert (image - expected).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("latent_hw,grid", [((4, 4), 2), ((3, 5), 2), ((5, 7), 3)])
@@ -151,6 +200,6 @@ def test_pipelines_generate_512x384(tiny_ckpts, kind, pipeline_class, processor_
 
 def test_unknown_mode_is_rejected_and_leaves_the_vae_unchanged():
     vae = build_tiny_vae("sd3", seed=0)
-    with pytest.raises(ValueError, match="choose one of full, partitioned, subpixel"):
+    with pytest.raises(ValueError, match="choose one of full, partitioned, subpixel, authors"):
         make_f16_vae(vae, "tiled")
     assert not is_f16_vae(vae) and vae.encoder.conv_in.stride == (1, 1)
