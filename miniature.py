@@ -242,7 +242,8 @@ def build_miniature(output_dir, size, vae_steps, transformer_steps, seed):
 
 
 def main(args):
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     build_miniature(args.output_dir, args.size, args.vae_steps, args.transformer_steps, args.seed)
 
 
