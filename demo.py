@@ -193,12 +193,11 @@ def main(args):
     os.environ["HF_HUB_OFFLINE"] = "1"
     start = time.time()
     summary = {"settings": vars(args), "out": str(out)}
-    from miniature import PHOTOS, is_built
+    from miniature import PHOTOS, build_settings, is_built
 
     # The pretrained model in miniature (cached: built once per settings):
     mini = out / "miniature-sd3"
-    settings = {"size": args.resolution, "vae_steps": args.vae_steps, "transformer_steps": args.transformer_steps,
-                "seed": args.seed}
+    settings = build_settings(args.resolution, args.vae_steps, args.transformer_steps, args.seed)
     if not is_built(mini, settings):
         run("miniature", [py, "miniature.py", "--output_dir", mini, "--size", args.resolution,
                           "--vae_steps", args.vae_steps, "--transformer_steps", args.transformer_steps,

@@ -37,6 +37,8 @@ PHOTOS = {
 DEFAULTS = {"size": 128, "vae_steps": 570, "transformer_steps": 800, "seed": 0}
 VAE_CROP, VAE_BATCH, VAE_HALF_FRACTION, VAE_KL_WEIGHT, VAE_LR = 32, 16, 0.3, 1e-6, 1e-3
 DIT_LR = 1e-3
+TIMESTEP_SHIFT = 3.0  # the pipeline's FlowMatchEulerDiscreteScheduler shift: train where the sampler spends its steps
+RECIPE = 2  # raise when the training recipe changes, so that cached miniatures are rebuilt
 MARKER = "MINIATURE.json"  # written last: its presence (with matching settings) means the folder is complete
 
 
@@ -167,15 +169,15 @@ def encode_captions(pipe, captions):
 
 def train_transformer(transformer, latent_dist, prompt_embeds, pooled, shift, scale, steps, seed):
     """Rectified flow on the photos' latents: z_t = (1 - t) x0 + t eps, the transformer predicts eps - x0 (MSE);
-    t logit-normal, as the SD3 trainer samples it; AdamW, cosine decay. Every step sees every photo."""
+    t logit-normal, then shifted as the sampler shifts it (s t / (1 + (s - 1) t)); AdamW. Every step sees every photo."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=DIT_LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     transformer.train()
     for step in range(1, steps + 1):
         x0 = (latent_dist.sample(generator) - shift) * scale
         noise = torch.randn(x0.shape, generator=generator)
         t = compute_density_for_timestep_sampling("logit_normal", len(x0), 0.0, 1.0, generator=generator)
+        t = TIMESTEP_SHIFT * t / (1 + (TIMESTEP_SHIFT - 1) * t)
         sigma = t.view(-1, 1, 1, 1)
         noisy = (1 - sigma) * x0 + sigma * noise
         pred = transformer(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
@@ -185,7 +187,6 @@ def train_transformer(transformer, latent_dist, prompt_embeds, pooled, shift, sc
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
         if step % 100 == 0 or step == steps:
             log(f"transformer step {step}/{steps}: loss {loss.item():.4f}")
     return transformer.eval()
@@ -194,6 +195,12 @@ def train_transformer(transformer, latent_dist, prompt_embeds, pooled, shift, sc
 #################################################################################
 #                               The whole pipeline                              #
 #################################################################################
+
+def build_settings(size, vae_steps, transformer_steps, seed):
+    """What a miniature folder is built from: the recipe version and the arguments of build_miniature."""
+    return {"recipe": RECIPE, "size": size, "vae_steps": vae_steps, "transformer_steps": transformer_steps,
+            "seed": seed}
+
 
 def is_built(output_dir, settings):
     """Whether `output_dir` holds a miniature built with exactly these settings."""
@@ -205,7 +212,7 @@ def build_miniature(output_dir, size, vae_steps, transformer_steps, seed):
     """Train the miniature and save it as a StableDiffusion3Pipeline folder (F=8 VAE, as SD3-medium ships);
     returns the folder. A folder already built with the same settings is kept as it is."""
     output_dir = Path(output_dir)
-    settings = {"size": size, "vae_steps": vae_steps, "transformer_steps": transformer_steps, "seed": seed}
+    settings = build_settings(size, vae_steps, transformer_steps, seed)
     if is_built(output_dir, settings):
         log(f"{output_dir} already holds this miniature: kept")
         return output_dir
