@@ -28,8 +28,7 @@ def log(msg):
 
 
 def run(name, cmd, out, show=False):
-    """Run one repo script as a user would; its output goes to OUT/logs/NAME.log (and to the screen if `show`);
-    fail loudly with its tail."""
+    """Run one repo script as a user would; output to OUT/logs/NAME.log (and the screen if `show`); fail loudly."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log_file = out / "logs" / f"{name}.log"
     log(f"{name}: {' '.join(str(c) for c in cmd)}")

@@ -169,7 +169,8 @@ def encode_captions(pipe, captions):
 
 def train_transformer(transformer, latent_dist, prompt_embeds, pooled, shift, scale, steps, seed):
     """Rectified flow on the photos' latents: z_t = (1 - t) x0 + t eps, the transformer predicts eps - x0 (MSE);
-    t logit-normal, then shifted as the sampler shifts it (s t / (1 + (s - 1) t)); AdamW. Every step sees every photo."""
+    t logit-normal, then shifted as the sampler shifts it (s t / (1 + (s - 1) t)); AdamW. Each step sees every
+    photo."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=DIT_LR, weight_decay=0.0)
     transformer.train()
