@@ -42,7 +42,8 @@ def run(name, cmd, out, show=False):
                 print("  " + line, end="", flush=True)
     if process.wait() != 0:
         tail = log_file.read_text().splitlines()[-30:]
-        sys.exit(f"demo step '{name}' failed (exit {process.returncode}); last lines of {log_file}:\n" + "\n".join(tail))
+        sys.exit(f"demo step '{name}' failed (exit {process.returncode}); last lines of {log_file}:\n"
+                 + "\n".join(tail))
     log(f"{name}: done in {time.time() - start:.0f} s")
 
 
