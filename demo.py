@@ -1,5 +1,8 @@
-"""Diffusion-4K in miniature: every script of the repo, end to end, on tiny random-weight checkpoints (CPU)."""
+"""Diffusion-4K in miniature, on real pictures (CPU): a tiny SD3 pretrained on the eight scikit-image photographs
+(miniature.py), then the paper's steps through the scripts a user runs: the F=16 VAE without retraining, WLF
+fine-tuning at F=16 under DeepSpeed ZeRO-2, generation, GLCM Score / Compression Ratio and the eval protocol."""
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -10,18 +13,13 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent
-# Photographs that ship with scikit-image, with captions written for them.
-PHOTOS = {
-    "astronaut": "a portrait of an astronaut in a white space suit in front of an american flag",
-    "coffee": "a close up photo of a cup of coffee on a saucer, top view",
-    "chelsea": "a photo of an orange tabby cat looking to the side",
-    "rocket": "a rocket standing on the launch pad under a blue sky",
-    "hubble_deep_field": "a deep space photograph full of small bright galaxies",
-    "retina": "a detailed medical photograph of a human retina with red blood vessels",
-    "immunohistochemistry": "a microscope image of stained tissue with brown and blue cells",
-    "coins": "a gray photograph of old coins on a dark background",
+# The fine-tuning runs (name: trainer flags), all from the same seed; the first one's samples are "after fine-tuning".
+FINETUNES = {
+    "wlf": ["--loss", "wlf"],
+    "mse": ["--loss", "mse"],
+    "wlf-1222": ["--loss", "wlf", "--wavelet_band_weights", "1,2,2,2"],
 }
-EVAL_PROMPTS = ["a cat on a red sofa", "a rocket in space", "a cup of coffee", "a mountain lake at sunset"]
+GENERATED = ("pretrained", "wlf", "wlf-1222")  # mse is not generated: its weights are those of wlf (see summary)
 
 
 def log(msg):
@@ -29,46 +27,163 @@ def log(msg):
     print(f"[demo {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(name, cmd, out, env=None):
-    """Run one repo script as a user would; its output goes to OUT/logs/NAME.log; fail loudly with its tail."""
+def run(name, cmd, out, show=False):
+    """Run one repo script as a user would; output to OUT/logs/NAME.log (and the screen if `show`); fail loudly."""
     (out / "logs").mkdir(parents=True, exist_ok=True)
     log_file = out / "logs" / f"{name}.log"
     log(f"{name}: {' '.join(str(c) for c in cmd)}")
+    start = time.time()
     with open(log_file, "w") as f:
-        result = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})})
-    if result.returncode != 0:
+        process = subprocess.Popen([str(c) for c in cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        for line in process.stdout:
+            f.write(line)
+            if show and line.startswith("["):
+                print("  " + line, end="", flush=True)
+    if process.wait() != 0:
         tail = log_file.read_text().splitlines()[-30:]
-        sys.exit(f"demo step '{name}' failed (exit {result.returncode}); last lines of {log_file}:\n" + "\n".join(tail))
+        sys.exit(f"demo step '{name}' failed (exit {process.returncode}); last lines of {log_file}:\n"
+                 + "\n".join(tail))
+    log(f"{name}: done in {time.time() - start:.0f} s")
 
 
-def make_image_folder(folder, photos, min_side):
-    """Write PHOTOS as an HF imagefolder (PNG files + metadata.jsonl), each up-scaled so its shorter side >= min_side."""
-    import skimage.data
+def make_image_folder(folder, size):
+    """Write the photos (size x size) as an HF imagefolder (PNG files + metadata.jsonl) and captions.txt."""
+    from miniature import PHOTOS, photo
 
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "metadata.jsonl", "w") as f:
-        for name, caption in photos.items():
-            image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
-            scale = max(1.0, min_side / min(image.size))
-            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            image.save(folder / f"{name}.png")
+        for name, caption in PHOTOS.items():
+            photo(name, size).save(folder / f"{name}.png")
             f.write(json.dumps({"file_name": f"{name}.png", "text": caption}) + "\n")
+    (folder.parent / "captions.txt").write_text("\n".join(PHOTOS.values()) + "\n")
 
 
-def contact_sheet(rows, path, thumb=160):
-    """Save a grid image: one labelled row per (label, [image paths])."""
-    width = max(len(paths) for _, paths in rows) * (thumb + 8) + 8
-    sheet = Image.new("RGB", (width, len(rows) * (thumb + 28) + 8), "white")
+#################################################################################
+#                         Measurements on the pictures                          #
+#################################################################################
+
+def vae_reconstructions(pipeline_dir, photos_dir, out_dir):
+    """F=8, F=16 (make_f16_vae, no retraining) and f8_half (F=8 of the photo shrunk by 2, enlarged back)
+    reconstructions of each photo, saved as PNGs; returns {name: {kind: (path, PSNR dB)}}."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from miniature import PHOTOS, psnr, reconstruct, to_images, to_tensor
+    from partitioned_vae import load_f16_vae
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    photos = [Image.open(photos_dir / f"{name}.png").convert("RGB") for name in PHOTOS]
+    size = photos[0].size
+    halves = [p.resize((size[0] // 2, size[1] // 2), Image.Resampling.BOX) for p in photos]
+    vae8 = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae").eval()
+    vae16 = load_f16_vae(pipeline_dir, subfolder="vae").eval()
+    with torch.no_grad():
+        recons = {"f8": to_images(reconstruct(vae8, to_tensor(photos))),
+                  "f16": to_images(reconstruct(vae16, to_tensor(photos))),
+                  "f8_half": [r.resize(size, Image.Resampling.BICUBIC)
+                              for r in to_images(reconstruct(vae8, to_tensor(halves)))]}
+    result = {}
+    for i, name in enumerate(PHOTOS):
+        result[name] = {}
+        for kind, images in recons.items():
+            path = out_dir / f"{name}_{kind}.png"
+            images[i].save(path)
+            result[name][kind] = (path, psnr(images[i], photos[i]))
+    return result
+
+
+def samples_by_photo(folder):
+    """{photo name: image path} of the images test_sd3.py wrote to `folder` (their JSON sidecar names the prompt)."""
+    from miniature import PHOTOS
+
+    by_caption = {caption: name for name, caption in PHOTOS.items()}
+    found = {}
+    for sidecar in folder.glob("*.json"):
+        meta = json.loads(sidecar.read_text())
+        if meta.get("prompt") in by_caption:
+            found[by_caption[meta["prompt"]]] = folder / meta["image"]
+    return found
+
+
+def sample_scores(samples, photos_dir):
+    """Per photo: PSNR of its sample against it, and whether the sample is nearest (PSNR) to its own photo."""
+    from miniature import psnr
+
+    photos = {name: Image.open(photos_dir / f"{name}.png").convert("RGB") for name in samples}
+    scores = {}
+    for name, path in samples.items():
+        image = Image.open(path).convert("RGB")
+        against = {other: psnr(image, p) for other, p in photos.items()}
+        scores[name] = {"psnr": against[name], "nearest": max(against, key=against.get)}
+    return scores
+
+
+def weight_difference(dir_a, dir_b):
+    """Largest absolute difference between two saved transformers' weights, and the largest weight."""
+    from safetensors.torch import load_file
+
+    a = load_file(dir_a / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(dir_b / "transformer" / "diffusion_pytorch_model.safetensors")
+    diff = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    return {"max_abs_difference": diff, "max_abs_weight": max(v.float().abs().max().item() for v in a.values())}
+
+
+def detail_means(csv_path):
+    """Mean GLCM Score and Compression Ratio per generated sub-folder, from eval.py's per-image CSV."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    means = {}
+    for folder in GENERATED:
+        mine = [r for r in rows if Path(r["file"]).parent.name == folder]
+        if mine:
+            means[folder] = {"glcm_score": sum(float(r["glcm"]) for r in mine) / len(mine),
+                             "compression_ratio": sum(float(r["compression_ratio"]) for r in mine) / len(mine)}
+    return means
+
+
+#################################################################################
+#                                   Summary                                     #
+#################################################################################
+
+def contact_sheet(rows, columns, path, thumb=128):
+    """A grid image: a header of column titles, then one row per photo of (image path, caption) cells."""
+    cell_w, cell_h, left = thumb + 8, thumb + 22, 96
+    sheet = Image.new("RGB", (left + len(columns) * cell_w, 20 + len(rows) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for r, (label, paths) in enumerate(rows):
-        y = 8 + r * (thumb + 28)
-        draw.text((8, y), label, fill="black")
-        for c, p in enumerate(paths):
-            image = Image.open(p).convert("RGB")
-            image.thumbnail((thumb, thumb))
-            sheet.paste(image, (8 + c * (thumb + 8), y + 18))
+    for c, title in enumerate(columns):
+        draw.text((left + c * cell_w, 4), title, fill="black")
+    for r, (label, cells) in enumerate(rows):
+        y = 20 + r * cell_h
+        draw.text((4, y + thumb // 2), label[:15], fill="black")
+        for c, (image_path, caption) in enumerate(cells):
+            image = Image.open(image_path).convert("RGB").resize((thumb, thumb), Image.Resampling.BICUBIC)
+            sheet.paste(image, (left + c * cell_w, y))
+            draw.text((left + c * cell_w, y + thumb + 4), caption, fill="black")
     sheet.save(path)
+
+
+def print_table(summary):
+    """Print the numbers the demo produced."""
+    s = summary
+    print(f"\nVAE reconstruction PSNR (mean over the 8 photos): F=8 {s['vae_psnr_f8']:.2f} dB, F=16 (no retraining) "
+          f"{s['vae_psnr_f16']:.2f} dB, F=8 of the photo shrunk 2x and enlarged back {s['vae_psnr_f8_half']:.2f} dB")
+    for name in GENERATED:
+        g = s["samples"][name]
+        d = s["detail"].get(name, {})
+        print(f"samples {name:<10}: PSNR to own photo {g['psnr']:.2f} dB, nearest own photo {g['match']}/8, "
+              f"GLCM Score {d.get('glcm_score', float('nan')):.4f}, Compression Ratio "
+              f"{d.get('compression_ratio', float('nan')):.2f}")
+    f = s["findings"]
+    print(f"WLF (equal band weights) vs MSE: largest weight difference {f['wlf_vs_mse']['max_abs_difference']:.2e}; "
+          f"WLF 1,2,2,2 vs WLF: {f['wlf_1222_vs_wlf']['max_abs_difference']:.2e}")
+    change = f["wlf_1222_detail_change"]
+    print(f"1,2,2,2 instead of equal band weights changed the samples' GLCM Score by {change['glcm_score']:+.4f} and "
+          f"their Compression Ratio by {change['compression_ratio']:+.3f}")
+    fid = s["fid_sd3"]
+    print(f"eval protocol (random stand-in metric networks, numbers meaningless): FID {fid['fid']:.2f}  "
+          f"CLIPScore {fid['clip_score']:.2f}  Aesthetics {fid['aesthetics']:.3f}")
+    print(f"\nsample_match {s['sample_match']}/8; outputs in {s['out']}: summary.png, summary.json, logs/")
 
 
 def main(args):
@@ -76,92 +191,119 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     os.environ["HF_HUB_OFFLINE"] = "1"
-    summary = {"settings": vars(args)}
+    start = time.time()
+    summary = {"settings": vars(args), "out": str(out)}
+    from miniature import PHOTOS, build_settings, is_built
 
-    # Setup: tiny checkpoints and metric stand-ins (random weights, built offline):
-    ckpt = out / "ckpt"
-    if not (ckpt / "tiny-metrics").exists():
-        run("tiny_models", [py, "tiny_models.py", "--out", ckpt, "--metrics"], out)
+    # The pretrained model in miniature (cached: built once per settings):
+    mini = out / "miniature-sd3"
+    settings = build_settings(args.resolution, args.vae_steps, args.transformer_steps, args.seed)
+    if not is_built(mini, settings):
+        run("miniature", [py, "miniature.py", "--output_dir", mini, "--size", args.resolution,
+                          "--vae_steps", args.vae_steps, "--transformer_steps", args.transformer_steps,
+                          "--seed", args.seed], out, show=True)
+    summary["miniature"] = json.loads((mini / "MINIATURE.json").read_text())
 
-    # Setup data: a training set and an eval set in the Hugging Face imagefolder layout:
-    train_dir, eval_dir = out / "data" / "train", out / "data" / "eval"
-    if not (train_dir / "metadata.jsonl").exists():
-        make_image_folder(train_dir, PHOTOS, args.resolution)
-    if not (eval_dir / "metadata.jsonl").exists():
-        make_image_folder(eval_dir, dict(zip(list(PHOTOS)[:4], EVAL_PROMPTS)), args.eval_size)
+    # Data: the photos as a training imagefolder (also the eval set, real images for FID), captions as prompts:
+    photos_dir = out / "data" / "photos"
+    if not (photos_dir / "metadata.jsonl").exists():
+        make_image_folder(photos_dir, args.resolution)
+    captions = out / "data" / "captions.txt"
 
-    # Fine-tune: WLF through accelerate launch + DeepSpeed ZeRO-2 (optimizer offloaded to CPU):
-    for model in ("sd3", "flux"):
-        finetuned = out / f"finetuned-{model}"
+    # The F=16 VAE without retraining, against F=8 and against F=8 at half the resolution:
+    recon = vae_reconstructions(mini, photos_dir, out / "reconstructions")
+    for kind in ("f8", "f16", "f8_half"):
+        summary[f"vae_psnr_{kind}"] = sum(r[kind][1] for r in recon.values()) / len(recon)
+    summary["vae_psnr_per_photo"] = {n: {k: v[1] for k, v in r.items()} for n, r in recon.items()}
+
+    # WLF fine-tuning at F=16 through accelerate launch + DeepSpeed ZeRO-2 (optimizer offloaded to CPU):
+    for name, flags in FINETUNES.items():
+        finetuned = out / f"finetuned-{name}"
         if not (finetuned / "model_index.json").exists():
-            run(f"train_{model}", [
+            run(f"train_{name}", [
                 py, "-m", "accelerate.commands.launch", "--config_file", "ds_config.yaml", "--num_processes", "1",
-                "--mixed_precision", "no", f"train_{model}.py",
-                "--pretrained_model_name_or_path", ckpt / f"tiny-{model}", "--instance_data_dir", train_dir,
-                "--output_dir", finetuned, "--resolution", args.resolution, "--train_batch_size", 1,
-                "--max_train_steps", args.train_steps, "--checkpointing_steps", args.train_steps,
-                "--mixed_precision", "no", "--loss", "wlf", "--seed", 0, "--random_flip",
+                "--mixed_precision", "no", "train_sd3.py",
+                "--pretrained_model_name_or_path", mini, "--instance_data_dir", photos_dir, "--output_dir", finetuned,
+                "--resolution", args.resolution, "--train_batch_size", len(PHOTOS), "--cache_latents",
+                "--no-random_flip", "--max_train_steps", args.finetune_steps,
+                "--checkpointing_steps", args.finetune_steps, "--learning_rate", args.learning_rate,
+                "--mixed_precision", "no", "--seed", args.seed, "--report_to", "none", *flags,
             ], out)
-        summary[f"train_{model}"] = json.loads((finetuned / "train_summary.json").read_text())
+        summary[f"train_{name}"] = json.loads((finetuned / "train_summary.json").read_text())
+    summary["findings"] = {"wlf_vs_mse": weight_difference(out / "finetuned-wlf", out / "finetuned-mse"),
+                           "wlf_1222_vs_wlf": weight_difference(out / "finetuned-wlf", out / "finetuned-wlf-1222")}
 
-    # Generate: the CLIs through the F=16 partitioned VAE at a non-square size (2 seeds each):
+    # Generate through the F=16 partitioned VAE, before and after fine-tuning, one image per caption:
     gen_dir = out / "generated"
-    for model in ("sd3", "flux"):
-        if len(list((gen_dir / model).glob("*.png"))) < 2:
-            run(f"generate_{model}", [
-                py, f"test_{model}.py", "--checkpoint_path", out / f"finetuned-{model}", "--prompt", args.prompt,
-                "--height", args.height, "--width", args.width, "--num_inference_steps", args.steps,
-                "--num_images", 2, "--seed", 0, "--dtype", "fp32", "--device", "cpu", "--vae_mode", "partitioned",
-                "--save_path", gen_dir / model, "--overwrite",
+    for name in GENERATED:
+        checkpoint = mini if name == "pretrained" else out / f"finetuned-{name}"
+        if len(samples_by_photo(gen_dir / name)) < len(PHOTOS):
+            run(f"generate_{name}", [
+                py, "test_sd3.py", "--checkpoint_path", checkpoint, "--prompt_file", captions,
+                "--height", args.resolution, "--width", args.resolution, "--num_inference_steps", args.steps,
+                "--guidance_scale", args.guidance_scale, "--num_images", 1, "--seed", args.seed, "--dtype", "fp32",
+                "--device", "cpu", "--vae_mode", "partitioned", "--save_path", gen_dir / name, "--overwrite",
             ], out)
+    samples = {name: samples_by_photo(gen_dir / name) for name in GENERATED}
+    summary["samples"] = {}
+    for name in GENERATED:
+        scores = sample_scores(samples[name], photos_dir)
+        summary["samples"][name] = {"psnr": sum(s["psnr"] for s in scores.values()) / len(scores),
+                                    "match": sum(s["nearest"] == n for n, s in scores.items()), "per_photo": scores}
+    summary["sample_match"] = summary["samples"]["wlf"]["match"]
 
-    # Evaluate: GLCM Score and Compression Ratio of the generated images, then the eval-set protocol:
-    for model in ("sd3", "flux"):
-        run(f"eval_{model}", [py, "eval.py", "--img_root", gen_dir / model, "--workers", 1,
-                              "--output_json", out / f"detail_{model}.json", "--output_csv", out / f"detail_{model}.csv"], out)
-        summary[f"detail_{model}"] = json.loads((out / f"detail_{model}.json").read_text())
-    from tiny_models import TINY_METRIC_FILES
+    # Evaluate: GLCM Score and Compression Ratio of every sample, then the eval protocol on the fine-tuned model:
+    detail_csv = out / "detail.csv"
+    if not detail_csv.exists():
+        run("eval", [py, "eval.py", "--img_root", gen_dir, "--recursive", "--workers", 1,
+                     "--output_json", out / "detail.json", "--output_csv", detail_csv], out)
+    summary["detail"] = detail_means(detail_csv)
+    summary["findings"]["wlf_1222_detail_change"] = {  # what 1,2,2,2 did to the samples, against equal weights
+        key: summary["detail"]["wlf-1222"][key] - summary["detail"]["wlf"][key]
+        for key in ("glcm_score", "compression_ratio")}
+    fid_dir = out / "eval_sd3"
+    if not (fid_dir / "metrics.json").exists():
+        from tiny_models import TINY_METRIC_FILES, save_tiny_metric_models
 
-    stand_ins = [a for flag, name in TINY_METRIC_FILES.items() for a in (f"--{flag}", ckpt / "tiny-metrics" / name)]
-    run("generate_and_eval_fid", [
-        py, "generate_and_eval_fid.py", "--checkpoint_path", out / "finetuned-sd3", "--model", "sd3",
-        "--json_file", eval_dir / "metadata.jsonl", "--size", args.eval_size, "--save_path", out / "eval_sd3",
-        "--num_inference_steps", args.steps, "--dtype", "fp32", "--fid_feature", 64, "--num_workers", 0, *stand_ins,
-    ], out)
-    summary["fid_sd3"] = json.loads((out / "eval_sd3" / "metrics.json").read_text())
+        metrics_dir = out / "tiny-metrics"
+        if not (metrics_dir / "TINY_RANDOM_WEIGHTS.json").exists():
+            save_tiny_metric_models(metrics_dir, args.seed)
+        stand_ins = [a for flag, name in TINY_METRIC_FILES.items() for a in (f"--{flag}", metrics_dir / name)]
+        run("generate_and_eval_fid", [
+            py, "generate_and_eval_fid.py", "--checkpoint_path", out / "finetuned-wlf", "--model", "sd3",
+            "--json_file", photos_dir / "metadata.jsonl", "--size", args.resolution, "--save_path", fid_dir,
+            "--num_inference_steps", args.steps, "--guidance_scale", args.guidance_scale, "--dtype", "fp32",
+            "--fid_feature", 64, "--num_workers", 0, *stand_ins,
+        ], out)
+    summary["fid_sd3"] = json.loads((fid_dir / "metrics.json").read_text())
+    summary["fid_sd3_note"] = "FID, CLIPScore and Aesthetics computed with random-weight stand-in networks: meaningless"
 
-    # Summary: table and contact sheet:
-    generated = {m: sorted((gen_dir / m).glob("*.png")) for m in ("sd3", "flux")}
-    contact_sheet([("training images (scikit-image photographs)", sorted(train_dir.glob("*.png"))),
-                   ("tiny SD3, fine-tuned with WLF, F=16 partitioned VAE", generated["sd3"]),
-                   ("tiny Flux, fine-tuned with WLF, F=16 partitioned VAE", generated["flux"])], out / "summary.png")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print_table(summary, generated, out)
-
-
-def print_table(summary, generated, out):
-    """Print the files, losses and metrics that the demo produced."""
+    # Summary: one row per photo, every number in summary.json:
     rows = []
-    for model in ("sd3", "flux"):
-        train = summary[f"train_{model}"]
-        detail = summary[f"detail_{model}"]
-        rows.append((model, len(generated[model]), train.get("final_loss"), detail["glcm_score"], detail["compression_ratio"]))
-    print("\nmodel  images  final WLF loss  GLCM score  compression ratio")
-    for model, n, loss, glcm, cr in rows:
-        print(f"{model:<6} {n:>6}  {loss if loss is None else f'{loss:.4f}':>14}  {glcm:>10.4f}  {cr:>17.2f}")
-    fid = summary["fid_sd3"]
-    print(f"\neval set (tiny SD3): FID {fid['fid']:.2f}  CLIPScore {fid['clip_score']:.2f}  Aesthetics {fid['aesthetics']:.3f}")
-    print(f"\noutputs in {out}: summary.png, summary.json, generated/, finetuned-*/, eval_sd3/, logs/")
+    for name in PHOTOS:
+        cells = [(photos_dir / f"{name}.png", "original")]
+        cells += [(recon[name][k][0], f"{label} {recon[name][k][1]:.1f} dB")
+                  for k, label in (("f8", "F=8"), ("f16", "F=16"), ("f8_half", "F=8 half"))]
+        cells += [(samples[g][name], f"{g[:8]} {summary['samples'][g]['per_photo'][name]['psnr']:.1f} dB")
+                  for g in ("pretrained", "wlf")]
+        rows.append((name, cells))
+    columns = ["photo", "F=8 recon", "F=16 recon", "F=8 of 1/2, up", "sample before", "sample after WLF"]
+    contact_sheet(rows, columns, out / "summary.png")
+    summary["seconds"] = round(time.time() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print_table(summary)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--resolution", type=int, default=256, help="training resolution (the paper: 4096)")
-    parser.add_argument("--train_steps", type=int, default=6)
-    parser.add_argument("--height", type=int, default=384)
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=8, help="denoising steps (the paper: 28 for SD3, 50 for Flux)")
-    parser.add_argument("--eval_size", type=int, default=256, help="eval-set image size (the paper: 2048)")
-    parser.add_argument("--prompt", default="a photo of a cat on the beach at sunset, highly detailed")
+    parser.add_argument("--resolution", type=int, default=128, help="photo and training size (the paper: 4096)")
+    parser.add_argument("--vae_steps", type=int, default=570, help="miniature VAE pretraining steps")
+    parser.add_argument("--transformer_steps", type=int, default=800, help="miniature transformer pretraining steps")
+    parser.add_argument("--finetune_steps", type=int, default=20, help="WLF fine-tuning steps (the paper: 20,000)")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="fine-tuning learning rate (the paper: 1e-6)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps (the paper: 28 for SD3)")
+    parser.add_argument("--guidance_scale", type=float, default=1.0,
+                        help="1: no classifier-free guidance (the miniature never saw an empty caption; paper: 7)")
+    parser.add_argument("--seed", type=int, default=0)
     main(parser.parse_args())

@@ -1,0 +1,266 @@
+"""A pretrained SD3 in miniature, built in a few CPU minutes: a tiny F=8 VAE and a tiny SD3 transformer trained on
+the eight scikit-image photographs, saved as an ordinary diffusers pipeline folder (seeded, cached).
+
+    python miniature.py --output_dir demo_out/miniature-sd3
+
+The VAE learns to reconstruct the photos at F=8 (L1 + KL, small random crops); the transformer learns rectified
+flow on the photos' F=16 latents (the VAE converted by `make_f16_vae`, no weight changed), conditioned through the
+pipeline's own tiny text encoders on each photo's caption. Fixed step counts, so every CPU builds the same model.
+"""
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, SD3Transformer2DModel
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from PIL import Image
+
+from partitioned_vae import make_f16_vae
+from tiny_models import build_tiny_sd3_pipeline
+
+# Photographs that ship with scikit-image, with captions written for them (words from tiny_models.WORDS).
+PHOTOS = {
+    "astronaut": "a portrait of an astronaut in a white space suit in front of an american flag",
+    "coffee": "a close up photo of a cup of coffee on a saucer, top view",
+    "chelsea": "a photo of an orange tabby cat looking to the side",
+    "rocket": "a rocket standing on the launch pad under a blue sky",
+    "hubble_deep_field": "a deep space photograph full of small bright galaxies",
+    "retina": "a detailed medical photograph of a human retina with red blood vessels",
+    "immunohistochemistry": "a microscope image of stained tissue with brown and blue cells",
+    "coins": "a gray photograph of old coins on a dark background",
+}
+DEFAULTS = {"size": 128, "vae_steps": 570, "transformer_steps": 800, "seed": 0}
+VAE_CROP, VAE_BATCH, VAE_HALF_FRACTION, VAE_KL_WEIGHT, VAE_LR = 32, 16, 0.3, 1e-6, 1e-3
+DIT_LR = 1e-3
+TIMESTEP_SHIFT = 3.0  # the pipeline's FlowMatchEulerDiscreteScheduler shift: train where the sampler spends its steps
+RECIPE = 2  # raise when the training recipe changes, so that cached miniatures are rebuilt
+MARKER = "MINIATURE.json"  # written last: its presence (with matching settings) means the folder is complete
+
+
+def log(msg):
+    """Print a timestamped progress line."""
+    print(f"[miniature {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+#################################################################################
+#                                  Photographs                                  #
+#################################################################################
+
+def photo(name, size):
+    """The scikit-image photograph `name` as an RGB PIL image, centre-cropped to a square, resized to size x size."""
+    import skimage.data
+
+    image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def to_tensor(images):
+    """PIL images -> (N, 3, H, W) float tensor in [-1, 1]."""
+    arrays = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def to_images(tensor):
+    """(N, 3, H, W) tensor in [-1, 1] -> PIL images."""
+    arrays = ((tensor.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def psnr(a, b):
+    """PSNR in dB of two RGB images (PIL, same size), peak 255."""
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
+
+
+def shrink_and_enlarge(image):
+    """The image shrunk by 2 (area average) and enlarged back (bicubic): what one octave less resolution looks like."""
+    half = image.resize((image.width // 2, image.height // 2), Image.Resampling.BOX)
+    return half.resize(image.size, Image.Resampling.BICUBIC)
+
+
+#################################################################################
+#                                    The VAE                                    #
+#################################################################################
+
+def build_vae(seed):
+    """The SD3 VAE topology in miniature (4 blocks, 16 latent channels, no quant convs), one layer per block."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 64, 64), layers_per_block=1, latent_channels=16, norm_num_groups=16,
+        sample_size=128, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def vae_batch(full, half, rng):
+    """VAE_BATCH random VAE_CROP crops, VAE_HALF_FRACTION of them from the photos shrunk by 2."""
+    crops = []
+    for _ in range(VAE_BATCH):
+        source = half if rng.random() < VAE_HALF_FRACTION else full
+        i = rng.integers(len(source))
+        y, x = rng.integers(source.shape[-2] - VAE_CROP + 1), rng.integers(source.shape[-1] - VAE_CROP + 1)
+        crops.append(source[i, :, y:y + VAE_CROP, x:x + VAE_CROP])
+    return torch.stack(crops)
+
+
+def train_vae(vae, photos, steps, seed):
+    """Train `vae` (F=8) on random crops of `photos`: L1 reconstruction + VAE_KL_WEIGHT * KL, AdamW."""
+    rng = np.random.default_rng(seed)
+    half = F.interpolate(photos, scale_factor=0.5, mode="area")
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=VAE_LR)
+    generator = torch.Generator().manual_seed(seed)
+    vae.train()
+    for step in range(1, steps + 1):
+        x = vae_batch(photos, half, rng)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator)).sample
+        loss = (recon - x).abs().mean() + VAE_KL_WEIGHT * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"VAE step {step}/{steps}: loss {loss.item():.4f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def reconstruct(vae, pixels):
+    """Decode the posterior mean of `pixels`: the VAE's reconstruction."""
+    return vae.decode(vae.encode(pixels).latent_dist.mode()).sample
+
+
+@torch.no_grad()
+def set_latent_factors(vae, photos):
+    """Set shift_factor and scaling_factor so that the photos' F=8 latents have mean 0 and std 1, as SD3's are."""
+    latents = vae.encode(photos).latent_dist.mode()
+    shift, scale = latents.mean().item(), 1.0 / latents.std().item()
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(scale, 4))
+
+
+#################################################################################
+#                                The transformer                                #
+#################################################################################
+
+def build_transformer(size, seed):
+    """A 4-layer SD3 transformer sized for the tiny text encoders (CLIP 2 x 32, T5 64)."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(
+        sample_size=size // 8, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
+        attention_head_dim=32, num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=128,
+        pooled_projection_dim=64, pos_embed_max_size=96,
+    )
+
+
+@torch.no_grad()
+def encode_captions(pipe, captions):
+    """The pipeline's own prompt embeddings of `captions` (CLIP-L + CLIP-G + T5, no CFG copy)."""
+    prompt_embeds, _, pooled, _ = pipe.encode_prompt(captions, None, None, do_classifier_free_guidance=False,
+                                                     max_sequence_length=77)
+    return prompt_embeds, pooled
+
+
+def train_transformer(transformer, latent_dist, prompt_embeds, pooled, shift, scale, steps, seed):
+    """Rectified flow on the photos' latents: z_t = (1 - t) x0 + t eps, the transformer predicts eps - x0 (MSE);
+    t logit-normal, then shifted as the sampler shifts it (s t / (1 + (s - 1) t)); AdamW. Each step sees every
+    photo."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=DIT_LR, weight_decay=0.0)
+    transformer.train()
+    for step in range(1, steps + 1):
+        x0 = (latent_dist.sample(generator) - shift) * scale
+        noise = torch.randn(x0.shape, generator=generator)
+        t = compute_density_for_timestep_sampling("logit_normal", len(x0), 0.0, 1.0, generator=generator)
+        t = TIMESTEP_SHIFT * t / (1 + (TIMESTEP_SHIFT - 1) * t)
+        sigma = t.view(-1, 1, 1, 1)
+        noisy = (1 - sigma) * x0 + sigma * noise
+        pred = transformer(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=prompt_embeds,
+                           pooled_projections=pooled, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == steps:
+            log(f"transformer step {step}/{steps}: loss {loss.item():.4f}")
+    return transformer.eval()
+
+
+#################################################################################
+#                               The whole pipeline                              #
+#################################################################################
+
+def build_settings(size, vae_steps, transformer_steps, seed):
+    """What a miniature folder is built from: the recipe version and the arguments of build_miniature."""
+    return {"recipe": RECIPE, "size": size, "vae_steps": vae_steps, "transformer_steps": transformer_steps,
+            "seed": seed}
+
+
+def is_built(output_dir, settings):
+    """Whether `output_dir` holds a miniature built with exactly these settings."""
+    marker = Path(output_dir) / MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("settings") == settings
+
+
+def build_miniature(output_dir, size, vae_steps, transformer_steps, seed):
+    """Train the miniature and save it as a StableDiffusion3Pipeline folder (F=8 VAE, as SD3-medium ships);
+    returns the folder. A folder already built with the same settings is kept as it is."""
+    output_dir = Path(output_dir)
+    settings = build_settings(size, vae_steps, transformer_steps, seed)
+    if is_built(output_dir, settings):
+        log(f"{output_dir} already holds this miniature: kept")
+        return output_dir
+    start = time.time()
+    photos = to_tensor([photo(name, size) for name in PHOTOS])
+
+    # Train the VAE at F=8:
+    vae = train_vae(build_vae(seed), photos, vae_steps, seed)
+    set_latent_factors(vae, photos)
+
+    # Latents of the photos with the F=16 VAE (a converted copy; the F=8 one is what gets saved):
+    vae16 = make_f16_vae(copy.deepcopy(vae))
+    with torch.no_grad():
+        latent_dist = vae16.encode(photos).latent_dist
+
+    # Train the transformer on them, conditioned on the captions through the pipeline's text encoders:
+    pipe = build_tiny_sd3_pipeline(seed)
+    prompt_embeds, pooled = encode_captions(pipe, list(PHOTOS.values()))
+    transformer = train_transformer(build_transformer(size, seed + 1), latent_dist, prompt_embeds, pooled,
+                                    vae.config.shift_factor, vae.config.scaling_factor, transformer_steps, seed)
+
+    # Save as an ordinary diffusers pipeline folder:
+    pipe.vae, pipe.transformer = vae, transformer
+    pipe.register_modules(vae=vae, transformer=transformer)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    params = {"vae": sum(p.numel() for p in vae.parameters()),
+              "transformer": sum(p.numel() for p in transformer.parameters())}
+    record = {"settings": settings, "parameters": params, "seconds": round(time.time() - start, 1),
+              "photos": PHOTOS}
+    (output_dir / MARKER).write_text(json.dumps(record, indent=2) + "\n")
+    log(f"saved {output_dir} ({params['vae'] / 1e6:.2f} M VAE, {params['transformer'] / 1e6:.2f} M transformer "
+        f"parameters) in {record['seconds']:.0f} s")
+    return output_dir
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    build_miniature(args.output_dir, args.size, args.vae_steps, args.transformer_steps, args.seed)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", required=True, help="the pipeline folder to write (kept if already built)")
+    parser.add_argument("--size", type=int, default=DEFAULTS["size"], help="photo size in pixels (square)")
+    parser.add_argument("--vae_steps", type=int, default=DEFAULTS["vae_steps"])
+    parser.add_argument("--transformer_steps", type=int, default=DEFAULTS["transformer_steps"])
+    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    main(parser.parse_args())
