@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
@@ -70,6 +71,7 @@ def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
             "--checkpointing_steps", "1000", *flags]
     if cache:
         args += ["--data_cache_dir", str(cache)]
+    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts as a fresh process would
     TRAINERS[kind].main(TRAINERS[kind].parse_args(args))
     return json.loads((Path(output_dir) / "train_summary.json").read_text())
 
