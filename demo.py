@@ -12,6 +12,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from errors import UsageError, exit_on_usage_error
+
 ROOT = Path(__file__).resolve().parent
 # The fine-tuning runs (name: trainer flags), all from the same seed; the first one's samples are "after fine-tuning".
 FINETUNES = {
@@ -45,6 +47,20 @@ def run(name, cmd, out, show=False):
         sys.exit(f"demo step '{name}' failed (exit {process.returncode}); last lines of {log_file}:\n"
                  + "\n".join(tail))
     log(f"{name}: done in {time.time() - start:.0f} s")
+
+
+def check_settings(out, settings):
+    """Record the settings in OUT/demo_settings.json, or refuse an OUT made with other ones: every step after the
+    miniature is kept by the files it wrote, so mixing two settings in one folder would mix their results."""
+    record = out / "demo_settings.json"
+    if record.is_file():
+        before = json.loads(record.read_text())
+        changed = [f"--{key} {before.get(key)} -> {value}" for key, value in settings.items() if before.get(key) != value]
+        if changed:
+            raise UsageError(f"{out} holds a demo run with other settings ({', '.join(changed)}): pass a new --out, "
+                             f"or delete {out} to start again.")
+    else:
+        record.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def make_image_folder(folder, size):
@@ -189,6 +205,7 @@ def print_table(summary):
 def main(args):
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, {key: value for key, value in vars(args).items() if key != "out"})
     py = sys.executable
     os.environ["HF_HUB_OFFLINE"] = "1"
     start = time.time()
@@ -306,4 +323,4 @@ if __name__ == "__main__":
     parser.add_argument("--guidance_scale", type=float, default=1.0,
                         help="1: no classifier-free guidance (the miniature never saw an empty caption; paper: 7)")
     parser.add_argument("--seed", type=int, default=0)
-    main(parser.parse_args())
+    exit_on_usage_error("demo.py", main, parser.parse_args())

@@ -1,8 +1,16 @@
-"""The Hugging Face imagefolder layout that training and evaluation read: metadata.jsonl records and RGB images."""
+"""The Hugging Face imagefolder layout that training and evaluation read (metadata.jsonl records and RGB images), and
+the training data stream both trainers draw from it: seeded crops keyed by (epoch, index), dealt to the processes."""
 import json
 from pathlib import Path
 
+import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torch.utils.data import Dataset, Sampler
+
+from errors import UsageError
+
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 
 
 def read_metadata(path, require_text=True):
@@ -47,3 +55,80 @@ def load_image(path):
     """An RGB image, EXIF orientation applied, fully decoded (so a truncated file fails here, not later)."""
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def crop_pixels(image, resolution, rng=None, flip=False):
+    """Shorter side to `resolution` (bilinear, up-scaling a smaller image), then a random crop drawn from `rng` (the
+    centre crop when rng is None), optionally mirrored: a (3, resolution, resolution) float tensor in [-1, 1]."""
+    scale = resolution / min(image.size)
+    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    if rng is None:
+        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    else:
+        left, top = int(rng.integers(size[0] - resolution + 1)), int(rng.integers(size[1] - resolution + 1))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+class KeyedImages(Dataset):
+    """Samples indexed by (epoch, index) keys (StreamSampler), so that crops and flips depend only on the seed, the
+    epoch and the index: the same on resume and with any number of data-loader workers. An item that cannot be read
+    is replaced by the next one, and the sample lists it under "unreadable" so the training loop can count it.
+
+    Subclasses say how an item reads (`read(item, flip, rng)` -> dict of tensors) and what it is called (`name`).
+    """
+
+    def __init__(self, items, random_flip, seed):
+        self.items, self.random_flip, self.seed = items, random_flip, seed
+
+    def __len__(self):
+        return len(self.items)
+
+    def name(self, item):
+        return Path(item).name
+
+    def read(self, item, flip, rng):
+        raise NotImplementedError
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        flip = self.random_flip and rng.random() < 0.5
+        unreadable = []
+        for attempt in range(len(self.items)):
+            item = self.items[(index + attempt) % len(self.items)]
+            try:
+                sample = self.read(item, flip, rng)
+            except IMAGE_ERRORS as error:
+                unreadable.append(f"{self.name(item)}: {' '.join(str(error).split())[:120]}")
+                continue
+            sample["unreadable"] = unreadable
+            return sample
+        raise UsageError(f"None of the {len(self.items)} training images can be read: {'; '.join(unreadable[:3])}")
+
+
+class StreamSampler(Sampler):
+    """Endless (epoch, index) keys: one seeded permutation per epoch, cut into batches dealt round-robin to the
+    processes, starting at global batch `start_batch` (so a resumed run sees exactly the data it would have)."""
+
+    def __init__(self, size, batch_size, seed, rank=0, world_size=1, start_batch=0):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self._epoch, self._order = None, None
+
+    def key(self, position):
+        """(epoch, dataset index) of the position-th sample of the global stream."""
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        return epoch, int(self._order[offset])
+
+    def __iter__(self):
+        batch = self.start_batch + self.rank
+        while True:
+            for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+                yield self.key(position)
+            batch += self.world_size

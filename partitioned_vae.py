@@ -51,26 +51,24 @@ def full_upsample_conv(x, weight, bias):
     return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
 
 
-def partition_bounds(n, parts):
-    """Edges of `parts` near-equal intervals covering range(n) (empty ones when parts > n)."""
-    return [i * n // parts for i in range(parts + 1)]
+def partition_tiles(h, w, grid):
+    """The non-empty tiles (r0, r1, c0, c1) of a grid x grid partition of an h x w map into near-equal intervals
+    (rows r0 .. r1-1, columns c0 .. c1-1; fewer tiles when grid > h or w)."""
+    rows, cols = ([i * n // grid for i in range(grid + 1)] for n in (h, w))
+    return [(r0, r1, c0, c1) for r0, r1 in zip(rows, rows[1:]) for c0, c1 in zip(cols, cols[1:]) if r0 < r1 and c0 < c1]
 
 
 def partitioned_upsample_conv(x, weight, bias, grid=2):
     """`full_upsample_conv` computed on a grid x grid partition of the output; only one tile's hidden map exists."""
     b, _, h, w = x.shape
     out = x.new_empty(b, weight.shape[0], 2 * h, 2 * w)
-    rows, cols = partition_bounds(h, grid), partition_bounds(w, grid)
-    for r0, r1 in zip(rows, rows[1:]):
-        for c0, c1 in zip(cols, cols[1:]):
-            if r0 == r1 or c0 == c1:
-                continue
-            # Low-res rows r0-1 .. r1 (zeros outside the image) up-sample to rows 2*r0-2 .. 2*r1+1; an unpadded conv
-            # gives output rows 2*r0-1 .. 2*r1, of which we keep 2*r0 .. 2*r1-1. (The authors crop one row too early.)
-            tile = x[:, :, max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
-            tile = F.pad(tile, (int(c0 == 0), int(c1 == w), int(r0 == 0), int(r1 == h)))
-            tile = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"), weight, bias)
-            out[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = tile[:, :, 1:-1, 1:-1]
+    for r0, r1, c0, c1 in partition_tiles(h, w, grid):
+        # Low-res rows r0-1 .. r1 (zeros outside the image) up-sample to rows 2*r0-2 .. 2*r1+1; an unpadded conv
+        # gives output rows 2*r0-1 .. 2*r1, of which we keep 2*r0 .. 2*r1-1. (The authors crop one row too early.)
+        tile = x[:, :, max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1]
+        tile = F.pad(tile, (int(c0 == 0), int(c1 == w), int(r0 == 0), int(r1 == h)))
+        tile = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"), weight, bias)
+        out[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = tile[:, :, 1:-1, 1:-1]
     return out
 
 
@@ -83,17 +81,13 @@ def authors_upsample_conv(x, weight, bias, grid=2):
     """
     b, _, h, w = x.shape
     out = x.new_empty(b, weight.shape[0], 2 * h, 2 * w)
-    rows, cols = partition_bounds(h, grid), partition_bounds(w, grid)
-    for r0, r1 in zip(rows, rows[1:]):
-        for c0, c1 in zip(cols, cols[1:]):
-            if r0 == r1 or c0 == c1:
-                continue
-            # Low-res rows r0-1 .. r1-1 up-sample to rows 2*r0-2 .. 2*r1-1; an unpadded conv gives output rows
-            # 2*r0-1 .. 2*r1-2, which land one row lower, at 2*r0 .. 2*r1-1.
-            tile = x[:, :, max(r0 - 1, 0):r1, max(c0 - 1, 0):c1]
-            tile = F.pad(tile, (int(c0 == 0), 0, int(r0 == 0), 0))
-            out[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"),
-                                                               weight, bias)
+    for r0, r1, c0, c1 in partition_tiles(h, w, grid):
+        # Low-res rows r0-1 .. r1-1 up-sample to rows 2*r0-2 .. 2*r1-1; an unpadded conv gives output rows
+        # 2*r0-1 .. 2*r1-2, which land one row lower, at 2*r0 .. 2*r1-1.
+        tile = x[:, :, max(r0 - 1, 0):r1, max(c0 - 1, 0):c1]
+        tile = F.pad(tile, (int(c0 == 0), 0, int(r0 == 0), 0))
+        out[:, :, 2 * r0:2 * r1, 2 * c0:2 * c1] = F.conv2d(F.interpolate(tile, scale_factor=2, mode="nearest"),
+                                                           weight, bias)
     return out
 
 

@@ -30,11 +30,11 @@ from diffusers import AutoencoderKL
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from errors import UsageError, exit_on_usage_error
-from imagefolder import load_image, read_metadata
+from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
 from partitioned_vae import DECODE_MODES, find_vae_dir, make_f16_vae, quiet_config_warning
 from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
 
@@ -42,7 +42,6 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 MAX_ADAPTIVE_WEIGHT = 1e4
 
 
@@ -67,42 +66,15 @@ def list_train_images(data_dir):
     return paths, problems
 
 
-def crop_pixels(image, resolution, rng=None, flip=False):
-    """Shorter side to `resolution` (bilinear), a random (rng) or centre crop, optional h-flip, as [-1, 1] (3, R, R)."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    if rng is None:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(rng.integers(size[0] - resolution + 1)), int(rng.integers(size[1] - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-
-
-class TrainImages(Dataset):
-    """Random crops keyed by (epoch, index), so they depend only on the seed; a bad image is replaced by the next."""
+class TrainImages(KeyedImages):
+    """Random crops of the image files, keyed by (epoch, index) (imagefolder.KeyedImages)."""
 
     def __init__(self, paths, resolution, random_flip, seed):
-        self.paths, self.resolution, self.random_flip, self.seed = paths, resolution, random_flip, seed
+        super().__init__(paths, random_flip, seed)
+        self.resolution = resolution
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        flip = self.random_flip and rng.random() < 0.5
-        unreadable = []
-        for attempt in range(len(self.paths)):
-            path = self.paths[(index + attempt) % len(self.paths)]
-            try:
-                return {"pixels": crop_pixels(load_image(path), self.resolution, rng, flip), "unreadable": unreadable}
-            except IMAGE_ERRORS as error:
-                unreadable.append(f"{path.name}: {' '.join(str(error).split())[:120]}")
-        raise UsageError(f"None of the {len(self.paths)} training images can be read: {'; '.join(unreadable[:3])}")
+    def read(self, path, flip, rng):
+        return {"pixels": crop_pixels(load_image(path), self.resolution, rng, flip)}
 
 
 def collate(samples):
@@ -110,29 +82,6 @@ def collate(samples):
     return {"pixels": torch.stack([s["pixels"] for s in samples]),
             "unreadable": [item for s in samples for item in s["unreadable"]]}
 
-
-class StreamSampler(Sampler):
-    """Endless (epoch, index) keys: a seeded permutation per epoch, cut into batches dealt round-robin to the
-    processes from global batch `start_batch` on (a resumed run reads exactly the data it would have)."""
-
-    def __init__(self, size, batch_size, seed, rank=0, world_size=1, start_batch=0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-
-    def __iter__(self):
-        batch, epoch, order = self.start_batch + self.rank, None, None
-        while True:
-            for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
-                if position // self.size != epoch:
-                    epoch = position // self.size
-                    order = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-                yield epoch, int(order[position % self.size])
-            batch += self.world_size
-
-
-#################################################################################
-#                                     Models                                    #
-#################################################################################
 
 class Discriminator(nn.Module):
     """A patch discriminator in the style of Paella's / VQGAN's: spectral-norm stride-2 convs, instance norm,

@@ -27,15 +27,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, free_memory
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import lora
 from errors import UsageError
-from imagefolder import load_image, read_metadata
+from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
 from models import max_image_side
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
@@ -44,7 +43,6 @@ logger = get_logger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 ENCODE_BATCH_SIZE = 8  # captions per text-encoder call while filling the cache
-IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counted)
 
 
@@ -52,68 +50,32 @@ MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counte
 #                                     Data                                      #
 #################################################################################
 
-def preprocess(image, resolution, center_crop=False, flip=False, rng=None):
-    """The authors' pre-processing (PROTOCOL.md §1): shorter side to `resolution` (bilinear), random or
-    centre crop to a square, optional h-flip, [-1, 1].
-
-    Returns a (3, resolution, resolution) float tensor.
-    """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    if center_crop:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    else:
-        left, top = int(rng.integers(size[0] - resolution + 1)), int(rng.integers(size[1] - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
-
-
-class TrainDataset(Dataset):
-    """Pixels (or cached latent distributions) plus cached text embeddings, each read from disk when asked for.
-
-    Indexed by (epoch, index) keys (StreamSampler), so that crops and flips depend only on the seed, the epoch and
-    the index: the same on resume and with any number of data-loader workers. An image that cannot be decoded is
-    replaced by the next one; the sample lists it under "unreadable", and images smaller than the resolution
-    (up-scaled) under "upscaled", so the training loop can count them.
-    """
+class TrainDataset(KeyedImages):
+    """Pixels (or cached latent distributions) plus cached text embeddings of the imagefolder's records, each read
+    from disk when asked for, keyed by (epoch, index) (imagefolder.KeyedImages). The pixels are the authors'
+    pre-processing (PROTOCOL.md §1, imagefolder.crop_pixels): shorter side to the resolution, a random or centre
+    crop, an optional mirror. Images smaller than the resolution (up-scaled) are listed under "upscaled"."""
 
     def __init__(self, records, data_dir, embedding_files, resolution, center_crop, random_flip, seed,
                  latent_files=None):
-        self.records, self.data_dir, self.embedding_files = records, Path(data_dir), embedding_files
-        self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
-        self.latent_files = latent_files
+        super().__init__(records, random_flip, seed)
+        self.data_dir, self.embedding_files, self.latent_files = Path(data_dir), embedding_files, latent_files
+        self.resolution, self.center_crop = resolution, center_crop
 
-    def __len__(self):
-        return len(self.records)
+    def name(self, record):
+        return record["file_name"]
 
-    def __getitem__(self, key):
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        flip = self.random_flip and rng.random() < 0.5
-        unreadable = []
-        for attempt in range(len(self.records)):
-            record = self.records[(index + attempt) % len(self.records)]
-            try:
-                sample = self.read_latents(record, flip) if self.latent_files else self.read_pixels(record, flip, rng)
-            except IMAGE_ERRORS as error:
-                unreadable.append(f"{record['file_name']}: {error}")
-                continue
-            sample.update(load_file(self.embedding_files[record["text"]]))
-            sample["unreadable"] = unreadable
-            return sample
-        raise UsageError(f"None of the {len(self.records)} images in {self.data_dir} can be read: "
-                         f"{'; '.join(unreadable[:3])} ...")
+    def read(self, record, flip, rng):
+        sample = self.read_latents(record, flip) if self.latent_files else self.read_pixels(record, flip, rng)
+        sample.update(load_file(self.embedding_files[record["text"]]))
+        return sample
 
     def read_pixels(self, record, flip, rng):
         """The pre-processed image of `record`."""
         image = load_image(self.data_dir / record["file_name"])
         upscaled = [record["file_name"]] if min(image.size) < self.resolution else []
-        return {"pixels": preprocess(image, self.resolution, self.center_crop, flip, rng), "upscaled": upscaled}
+        pixels = crop_pixels(image, self.resolution, None if self.center_crop else rng, flip)
+        return {"pixels": pixels, "upscaled": upscaled}
 
     def read_latents(self, record, flip):
         """The cached latent distribution of `record`'s centre crop (or of its mirror image)."""
@@ -129,30 +91,6 @@ def collate(samples):
     for key in ("unreadable", "upscaled"):
         batch[key] = [item for s in samples for item in s[key]]
     return batch
-
-
-class StreamSampler(Sampler):
-    """Endless (epoch, index) keys: one seeded permutation per epoch, cut into batches dealt round-robin to the
-    processes, starting at global batch `start_batch` (so a resumed run sees exactly the data it would have)."""
-
-    def __init__(self, size, batch_size, seed, rank=0, world_size=1, start_batch=0):
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self._epoch, self._order = None, None
-
-    def key(self, position):
-        """(epoch, dataset index) of the position-th sample of the global stream."""
-        epoch, offset = divmod(position, self.size)
-        if epoch != self._epoch:
-            self._epoch, self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.size)
-        return epoch, int(self._order[offset])
-
-    def __iter__(self):
-        batch = self.start_batch + self.rank
-        while True:
-            for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
-                yield self.key(position)
-            batch += self.world_size
 
 
 #################################################################################
@@ -254,7 +192,7 @@ def cache_latents(vae, records, data_dir, files, resolution):
         except IMAGE_ERRORS as error:
             unreadable.append(f"{record['file_name']}: {error}")
             continue
-        pixels = preprocess(image, resolution, center_crop=True)
+        pixels = crop_pixels(image, resolution)
         pixels = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
         with torch.no_grad():
             params = vae.encode(pixels).latent_dist.parameters

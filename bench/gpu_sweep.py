@@ -369,55 +369,45 @@ def cell(value, unit=""):
     return "–" if value is None else f"{value}{unit}"
 
 
+def section(records, bench, title, columns, row):
+    """One markdown table of the sweep: the records of `bench` (by their "bench" key or their case name), each as
+    the cells `row(record)`, or its case and error when it failed."""
+    mine = [r for r in records if r.get("bench") == bench or r.get("case", "").startswith(bench)]
+    if not mine:
+        return []
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for r in mine:
+        cells = [r["case"], f"error: {r['error']}"] if "error" in r else row(r)
+        lines.append("| " + " | ".join(str(c) for c in cells + [""] * (len(columns) - len(cells))) + " |")
+    return lines + [""]
+
+
+def generation_row(r):
+    paper = f"{r['paper_a100_s_per_step']} s, {r['paper_a100_gb']} GB" if r["paper_a100_gb"] else "–"
+    return [r["model"], r["mode"], r["size"], cell(r["s_per_step"]), cell(r["peak_gpu_gb"]),
+            f"{cell(r['ratio_vs_none_s'], 'x')}, {cell(r['ratio_vs_none_gb'], 'x')}", paper]
+
+
 def markdown(summary):
     """The sweep's tables (beside the paper's Table 5 and Table 10) and what was skipped."""
-    records, lines = summary["records"], [f"# GPU sweep: {summary['device']}", "",
-                                          f"`{summary['command']}`, {summary['date']}, torch {summary['torch']}, "
-                                          f"{summary['elapsed_s']} s of a {summary['budget_s']} s budget.", ""]
-    generation = [r for r in records if r.get("bench") == "generation" or r.get("case", "").startswith("generation")]
-    if generation:
-        lines += ["## Generation (s/step, peak GPU memory) beside Table 5 (one A100, bf16, 4096x4096)", "",
-                  "| model | mode | size | s/step | peak GB | vs none (time, memory) | Table 5 A100 |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in generation:
-            if "error" in r:
-                lines.append(f"| {r['case']} | | | {r['error']} | | | |")
-                continue
-            paper = f"{r['paper_a100_s_per_step']} s, {r['paper_a100_gb']} GB" if r["paper_a100_gb"] else "–"
-            lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {cell(r['s_per_step'])} | "
-                         f"{cell(r['peak_gpu_gb'])} | {cell(r['ratio_vs_none_s'], 'x')}, "
-                         f"{cell(r['ratio_vs_none_gb'], 'x')} | {paper} |")
-        lines.append("")
-    decode = [r for r in records if r.get("bench") == "decode" or r.get("case", "").startswith("decode")]
-    if decode:
-        lines += ["## VAE decode, F=8 against F=16 (Table 5: F=8 out of memory on an A100 at 4096x4096)", "",
-                  "| VAE | mode | tiling | size | fits | decode s | extra GB |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in decode:
-            if "error" in r:
-                lines.append(f"| {r['case']} | | | | {r.get('fits', '–')} | {r['error']} | |")
-                continue
-            lines.append(f"| {r['vae']} | {r['mode']} | {r['tiling']} | {r['size']} | {r['fits']} | "
-                         f"{cell(r['decode_s'])} | {cell(r['decode_extra_gb'])} |")
-        lines.append("")
-    train = [r for r in records if r.get("bench") == "train" or r.get("case", "").startswith("train")]
-    if train:
-        lines += ["## One training step beside Table 10 (4096x4096)", "",
-                  "| model | engine | size | images/s | peak GB | Table 10 (images/s per GPU) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for r in train:
-            if "error" in r:
-                lines.append(f"| {r['case']} | | | {r['error']} | | |")
-                continue
-            lines.append(f"| {r['model']} | {r['engine']} | {r['resolution']}² | {cell(r['images_per_second'])} | "
-                         f"{cell(r['peak_gpu_gb'])} | {cell(r['paper_images_per_second_per_gpu'])} |")
-        lines.append("")
-    glcm = [r for r in records if r.get("bench") == "glcm"]
-    if glcm:
-        lines += ["## GLCM Score, GPU against CPU", "", "| size | device | s/image | speedup | max difference |",
-                  "| --- | --- | --- | --- | --- |"]
-        lines += [f"| {r['size']} | {r['device']} | {r['s_per_image']} | {cell(r.get('speedup_vs_cpu'), 'x')} | "
-                  f"{cell(r.get('max_abs_difference'))} |" for r in glcm]
-        lines.append("")
+    records = summary["records"]
+    lines = [f"# GPU sweep: {summary['device']}", "", f"`{summary['command']}`, {summary['date']}, torch "
+             f"{summary['torch']}, {summary['elapsed_s']} s of a {summary['budget_s']} s budget.", ""]
+    lines += section(records, "generation", "Generation (s/step, peak GPU memory) beside Table 5 (one A100, bf16, "
+                     "4096x4096)", ["model", "mode", "size", "s/step", "peak GB", "vs none (time, memory)",
+                                    "Table 5 A100"], generation_row)
+    lines += section(records, "decode", "VAE decode, F=8 against F=16 (Table 5: F=8 out of memory on an A100 at "
+                     "4096x4096)", ["VAE", "mode", "tiling", "size", "fits", "decode s", "extra GB"],
+                     lambda r: [r["vae"], r["mode"], r["tiling"], r["size"], r["fits"], cell(r["decode_s"]),
+                                cell(r["decode_extra_gb"])])
+    lines += section(records, "train", "One training step beside Table 10 (4096x4096)",
+                     ["model", "engine", "size", "images/s", "peak GB", "Table 10 (images/s per GPU)"],
+                     lambda r: [r["model"], r["engine"], f"{r['resolution']}²", cell(r["images_per_second"]),
+                                cell(r["peak_gpu_gb"]), cell(r["paper_images_per_second_per_gpu"])])
+    lines += section(records, "glcm", "GLCM Score, GPU against CPU",
+                     ["size", "device", "s/image", "speedup", "max difference"],
+                     lambda r: [r["size"], r["device"], r["s_per_image"], cell(r.get("speedup_vs_cpu"), "x"),
+                                cell(r.get("max_abs_difference"))])
     if summary["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s['case']}: {s['reason']}" for s in summary["skipped"]] + [""]
     return "\n".join(lines)

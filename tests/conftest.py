@@ -66,6 +66,18 @@ def pytest_report_header(config):
 
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): the
+    machine's two cores are shared, and on a busy machine a second thread makes the Inception several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     """The repository root (where the scripts live)."""

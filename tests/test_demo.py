@@ -1,8 +1,9 @@
-"""The demo on real pictures: the miniature's VAE learns the photos, the demo runs the paper's steps and resumes.
+"""The demo on real pictures: the miniature's VAE learns the photos, its samples recall them, the demo runs the
+paper's steps and resumes.
 
-Quick path (default run): a miniature at 64 x 64 with a briefly trained VAE and a barely trained transformer, built
-once per session. Slow path (`pytest -m slow`): the demo at its defaults, held to the bar the README states,
-samples nearest their own photos included.
+Quick path (default run): the demo's own VAE (128², 570 steps, seed 0: the same settings, so the same weights on the
+same machine) under a transformer trained 450 steps instead of 800, built once per session (about 2.5 minutes on 2
+idle cores), and 2 fine-tuning steps. Slow path (`pytest -m slow`): the demo at its defaults, held to the issue's bar.
 """
 import json
 import shutil
@@ -11,28 +12,23 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
 import miniature
 from partitioned_vae import load_f16_vae
 
-QUICK = {"size": 64, "vae_steps": 120, "transformer_steps": 20, "seed": 0}
-QUICK_F8_PSNR = 15.0  # dB; measured 16.5 (F=16 16.3, f8_half 16.3); the demo's own is held to 18 (slow test)
-DEMO_FLAGS = ["--resolution", "64", "--vae_steps", "120", "--transformer_steps", "20", "--finetune_steps", "2",
+QUICK = {"size": 128, "vae_steps": 570, "transformer_steps": 450, "seed": 0}
+VAE_F8_PSNR = 18.0  # dB, the demo's bar; measured 19.7 with torch's 2 threads, 21.1 with one
+QUICK_SAMPLE_MATCH = 5  # of 8 (chance: 1); measured 7 at 450 transformer steps (8 at the demo's 800)
+DEMO_FLAGS = ["--resolution", "128", "--vae_steps", "570", "--transformer_steps", "450", "--finetune_steps", "2",
               "--steps", "4"]
 
 
 @pytest.fixture(scope="session")
 def quick_miniature(tmp_path_factory):
-    """The miniature pipeline folder at QUICK settings (one torch thread: the box is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return miniature.build_miniature(tmp_path_factory.mktemp("mini") / "miniature-sd3", **QUICK)
-    finally:
-        torch.set_num_threads(threads)
+    """The miniature pipeline folder at QUICK settings."""
+    return miniature.build_miniature(tmp_path_factory.mktemp("mini") / "miniature-sd3", **QUICK)
 
 
 def photos(size):
@@ -49,12 +45,13 @@ def test_miniature_vae_reconstructs_the_photos_and_f16_costs_one_octave(quick_mi
     f8 = mean_psnr(miniature.to_images(miniature.reconstruct(vae8, miniature.to_tensor(originals))), originals)
     vae16 = load_f16_vae(quick_miniature)
     f16 = mean_psnr(miniature.to_images(miniature.reconstruct(vae16, miniature.to_tensor(originals))), originals)
-    halves = [p.resize((32, 32), Image.Resampling.BOX) for p in originals]
-    f8_half = mean_psnr([r.resize((64, 64), Image.Resampling.BICUBIC) for r in
+    half, size = QUICK["size"] // 2, QUICK["size"]
+    halves = [p.resize((half, half), Image.Resampling.BOX) for p in originals]
+    f8_half = mean_psnr([r.resize((size, size), Image.Resampling.BICUBIC) for r in
                          miniature.to_images(miniature.reconstruct(vae8, miniature.to_tensor(halves)))], originals)
     # A mean-colour image scores about 12 dB on these photos; the F=16 VAE loses what one octave of resolution holds.
     print(f"quick miniature: F=8 {f8:.2f} dB, F=16 {f16:.2f} dB, f8_half {f8_half:.2f} dB")
-    assert f8 > QUICK_F8_PSNR, f8
+    assert f8 >= VAE_F8_PSNR, f8
     assert f16 < f8 and abs(f16 - f8_half) < 1.0, (f16, f8_half)
 
 
@@ -85,8 +82,10 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
     for name in ("pretrained", "wlf", "wlf-1222"):
         assert len(summary["samples"][name]["per_photo"]) == 8
         assert np.isfinite(summary["detail"][name]["glcm_score"])
-    assert 0 <= summary["sample_match"] <= 8  # a 20-step transformer recalls nothing yet: see the slow test
-    assert summary["vae_psnr_f8"] > QUICK_F8_PSNR and abs(summary["vae_psnr_f16"] - summary["vae_psnr_f8_half"]) < 1
+    # The samples recall their own photos (nearest in PSNR), through test_sd3.py and the F=16 partitioned VAE:
+    assert summary["sample_match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["wlf"]["per_photo"]
+    assert summary["samples"]["pretrained"]["match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["pretrained"]
+    assert summary["vae_psnr_f8"] >= VAE_F8_PSNR and abs(summary["vae_psnr_f16"] - summary["vae_psnr_f8_half"]) < 1
     assert "random" in summary["fid_sd3_note"] and np.isfinite(summary["fid_sd3"]["fid"])
     assert Image.open(out / "summary.png").size == (96 + 6 * 136, 20 + 8 * 150)
     assert "sample_match" in first.stdout
@@ -96,6 +95,11 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
     again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "train_wlf:" not in again.stdout and "generate_wlf:" not in again.stdout and "miniature:" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # The same folder with another setting would mix two runs' results: refused before anything runs.
+    other = subprocess.run([*cmd, "--finetune_steps", "3"], cwd=repo_root, capture_output=True, text=True)
+    assert other.returncode == 2 and "--finetune_steps 2 -> 3" in other.stderr, other.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 

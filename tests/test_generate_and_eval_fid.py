@@ -30,13 +30,7 @@ PROMPTS = ["a photo of an astronaut", "a cup of coffee on the table", "a cat sit
 IMAGES = ("astronaut", "coffee", "chelsea", "rocket")  # square and non-square, 300 to 640 pixels a side
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second one makes the Inception several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

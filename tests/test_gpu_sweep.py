@@ -57,3 +57,13 @@ def test_sweep_skips_what_does_not_fit_in_the_time_left(tmp_path):
     reasons = {s["case"]: s["reason"] for s in summary["skipped"]}
     assert "budget left" in reasons["glcm"]
     assert reasons["generation sd3 none"] == "not named by --only"
+
+
+def test_a_failed_case_is_a_table_row_with_its_error():
+    summary = {"device": "cpu", "command": "x", "date": "d", "torch": "t", "elapsed_s": 1, "budget_s": 2,
+               "skipped": [], "records": [{"case": "decode F16 partitioned", "error": "OutOfMemoryError: 80 GiB"},
+                                          {"case": "glcm", "error": "RuntimeError: boom"}]}
+    table = gpu_sweep.markdown(summary)
+    assert "| decode F16 partitioned | error: OutOfMemoryError: 80 GiB |" + "  |" * 5 in table
+    assert "## GLCM Score, GPU against CPU" in table and "| glcm | error: RuntimeError: boom |" + "  |" * 3 in table
+    assert "## Generation" not in table and "## Skipped" not in table

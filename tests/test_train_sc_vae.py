@@ -7,7 +7,6 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data
@@ -26,13 +25,7 @@ SIZE = 64
 WEIGHTS = "vae/diffusion_pytorch_model.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: the machine's two cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
