@@ -37,10 +37,10 @@ from errors import UsageError, exit_on_usage_error
 from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
 from partitioned_vae import DECODE_MODES, find_vae_dir, make_f16_vae, quiet_config_warning
 from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
+from training import CHECKPOINT_PREFIX, find_checkpoint, list_checkpoints
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_ADAPTIVE_WEIGHT = 1e4
 
@@ -185,13 +185,6 @@ def discriminator_losses(discriminator, x, x_hat, gp_weight=10.0):
 #                          Checkpoints, validation, output                      #
 #################################################################################
 
-def list_checkpoints(output_dir):
-    """[(step, path)] of the complete checkpoints, oldest first."""
-    found = [(int(p.name[len(CHECKPOINT_PREFIX):]), p) for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return sorted(found)
-
-
 def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None):
     """accelerator.save_state into checkpoint-N.tmp, rename it to checkpoint-N, then remove the oldest beyond the limit."""
     final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
@@ -205,19 +198,6 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=No
             shutil.rmtree(path)
     accelerator.wait_for_everyone()
     logger.info(f"Saved {final}")
-
-
-def find_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint folder to resume from: "latest" (None when there is none yet) or a path / name."""
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume_from_checkpoint)
-    path = path if path.is_dir() else Path(output_dir) / path
-    if not (path / "trainer_state.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a checkpoint of this "
-                         f"trainer (no trainer_state.json); use 'latest' or a {CHECKPOINT_PREFIX}N folder.")
-    return path
 
 
 @torch.no_grad()

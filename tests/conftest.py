@@ -79,6 +79,27 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def torchmetrics_lpips():
+    """A function (backbone file, heads file) -> torchmetrics' own LPIPS network (AlexNet), the heads read from the
+    heads file and the backbone's layers copied from a torchvision AlexNet that loads the backbone file: the
+    independent reference for reconstruction.load_lpips and the SC-VAE's LPIPS term."""
+    import torch
+    from torchmetrics.functional.image.lpips import _LPIPS
+    from torchvision.models import alexnet
+
+    def build(backbone, heads):
+        reference = _LPIPS(pretrained=True, net="alex", pnet_rand=True, model_path=str(heads)).eval()
+        net = alexnet(weights=None)
+        net.features.load_state_dict({k[len("features."):]: v for k, v in torch.load(backbone).items()})
+        for block in reference.net.children():
+            for index, layer in block.named_children():
+                layer.load_state_dict(net.features[int(index)].state_dict())
+        return reference
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def repo_root():
     """The repository root (where the scripts live)."""
     return ROOT

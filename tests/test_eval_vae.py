@@ -9,8 +9,6 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data
 from skimage.metrics import normalized_root_mse, peak_signal_noise_ratio, structural_similarity
-from torchmetrics.functional.image.lpips import _LPIPS
-from torchvision.models import alexnet
 
 import eval_vae
 from errors import UsageError
@@ -84,15 +82,9 @@ def test_f8_half_is_the_f8_round_trip_of_the_antialiased_half_image_enlarged_bic
     assert (reconstruct(vae, x, "f8_half") - expected.clamp(0, 1)).abs().max() < 1e-4
 
 
-def test_lpips_equals_torchmetrics_with_the_same_random_weights(files):
+def test_lpips_equals_torchmetrics_with_the_same_random_weights(files, torchmetrics_lpips):
     ours = load_lpips("alex", files["backbone"], files["heads"])
-    # torchmetrics' own LPIPS: heads from the same file, backbone layers copied from a torchvision AlexNet.
-    reference = _LPIPS(pretrained=True, net="alex", pnet_rand=True, model_path=str(files["heads"])).eval()
-    net = alexnet(weights=None)
-    net.features.load_state_dict({k[len("features."):]: v for k, v in torch.load(files["backbone"]).items()})
-    for block in reference.net.children():
-        for index, layer in block.named_children():
-            layer.load_state_dict(net.features[int(index)].state_dict())
+    reference = torchmetrics_lpips(files["backbone"], files["heads"])  # torchmetrics' own, the same weights
     x = torch.cat([photo_tensor(name, SIZE) for name in PHOTOS])
     x_hat = (F.avg_pool2d(x, 5, stride=1, padding=2) + 0.05 * torch.randn(x.shape, generator=torch.Generator()
                                                                            .manual_seed(0))).clamp(0, 1)

@@ -10,8 +10,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from skimage import data
-from torchmetrics.functional.image.lpips import _LPIPS
-from torchvision.models import alexnet
 
 import train_sc_vae
 from errors import UsageError
@@ -52,17 +50,6 @@ def photos(size=SIZE):
     return torch.stack([crop_pixels(Image.fromarray(getattr(data, n)()), size) for n in ("astronaut", "chelsea")])
 
 
-def torchmetrics_lpips(files):
-    """torchmetrics' LPIPS with the same random weights (backbone layers copied from a torchvision AlexNet)."""
-    reference = _LPIPS(pretrained=True, net="alex", pnet_rand=True, model_path=str(files["heads"])).eval()
-    net = alexnet(weights=None)
-    net.features.load_state_dict({k[len("features."):]: v for k, v in torch.load(files["backbone"]).items()})
-    for block in reference.net.children():
-        for index, layer in block.named_children():
-            layer.load_state_dict(net.features[int(index)].state_dict())
-    return reference
-
-
 def decoder_input_to_last_conv(vae, z):
     """The decoder run layer by layer up to (not through) its last conv."""
     d = vae.decoder
@@ -72,7 +59,7 @@ def decoder_input_to_last_conv(vae, z):
     return d.conv_act(d.conv_norm_out(h))
 
 
-def test_each_loss_term_equals_an_independent_computation(files):
+def test_each_loss_term_equals_an_independent_computation(files, torchmetrics_lpips):
     teacher, student = load_vaes(files["model"], "partitioned")
     x = photos()
     x_hat, f_student = reconstruct_with_features(student, x, torch.Generator().manual_seed(0))
@@ -91,7 +78,7 @@ def test_each_loss_term_equals_an_independent_computation(files):
     terms = generator_losses(x, x_hat, f_student, f_teacher, discriminator, lpips_metric, last_layer, (0.1, 0.05, 1.0))
 
     mse = ((x_hat - x) ** 2).mean()
-    lpips_term = torchmetrics_lpips(files)(x_hat, x).mean()
+    lpips_term = torchmetrics_lpips(files["backbone"], files["heads"])(x_hat, x).mean()
     gen = -discriminator(x_hat).mean()
     up = f_student.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     sc = ((f_teacher - up) ** 2).mean()
