@@ -142,8 +142,9 @@ def sig(value, digits=4):
 
 
 def ratio(value, reference):
-    """value / reference, or None when either is missing."""
-    return None if value is None or not reference else round(value / reference, 3)
+    """value / reference to 4 significant digits (a ratio well under 1 keeps its precision), or None when either is
+    missing."""
+    return None if value is None or not reference else sig(value / reference, 4)
 
 
 def step_flops(model, config, height, width, guidance_scale):
