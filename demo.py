@@ -55,7 +55,8 @@ def check_settings(out, settings):
     record = out / "demo_settings.json"
     if record.is_file():
         before = json.loads(record.read_text())
-        changed = [f"--{key} {before.get(key)} -> {value}" for key, value in settings.items() if before.get(key) != value]
+        changed = [f"--{key} {before.get(key)} -> {value}" for key, value in settings.items()
+                   if before.get(key) != value]
         if changed:
             raise UsageError(f"{out} holds a demo run with other settings ({', '.join(changed)}): pass a new --out, "
                              f"or delete {out} to start again.")

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from errors import UsageError, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
-from imagefolder import load_image, read_metadata
+from imagefolder import list_images, load_image
 from reconstruction import (EVAL_MODES, F8_MODES, LPIPS_BACKBONES, factor_of_mode, load_lpips, load_vae, lpips_distance,
                             pixel_metrics, reconstruct)
 
@@ -33,26 +33,12 @@ SETTINGS = ("vae", "vae_mode", "grid", "data_dir", "size", "metrics", "lpips_net
 #                                     Images                                    #
 #################################################################################
 
-def list_images(data_dir, max_images=None):
-    """(files, skipped): an imagefolder's listed images (its metadata.jsonl), else every file under `data_dir`.
-
-    `text` may be empty (as in SA-1B style metadata); listed files that do not exist go to `skipped`.
-    """
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UsageError(f"--data_dir {root} is not a folder: pass an imagefolder (metadata.jsonl + images) or a "
-                         f"folder of images.")
-    skipped = []
-    if (root / "metadata.jsonl").is_file():
-        records, problems = read_metadata(root, require_text=False)
-        files = [record["image"] for record in records]
-        skipped += [{"file": "metadata.jsonl", "reason": why} for why in problems["metadata_lines"]]
-        skipped += [{"file": "metadata.jsonl", "reason": why} for why in problems["missing_images"]]
-    else:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise UsageError(f"--data_dir {root} holds no images.")
-    return [str(path.relative_to(root)) for path in files[:max_images]], skipped
+def list_eval_images(data_dir, max_images=None):
+    """(names relative to data_dir, skipped): imagefolder.list_images, every file (an undecodable one is skipped
+    and counted when it is read); the imagefolder's skipped lines go to `skipped`."""
+    paths, problems = list_images(data_dir, f"--data_dir {data_dir}")
+    skipped = [{"file": "metadata.jsonl", "reason": why} for why in problems]
+    return [str(Path(path).relative_to(data_dir)) for path in paths[:max_images]], skipped
 
 
 def read_image(path, size):
@@ -198,7 +184,7 @@ def main(args):
 
     # Resume from the CSV (FID: only the rows its saved sums cover):
     check_resume(output_json, settings, csv_path)
-    names, skipped = list_images(args.data_dir, args.max_images)
+    names, skipped = list_eval_images(args.data_dir, args.max_images)
     rows = read_rows(csv_path)
     columns = ["file"] + [name for name in metrics if name != "rfid"]
     if fid is not None and rows:

@@ -1,5 +1,6 @@
 """The Hugging Face imagefolder layout that training and evaluation read (metadata.jsonl records and RGB images), and
 the training data stream both trainers draw from it: seeded crops keyed by (epoch, index), dealt to the processes."""
+import abc
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset, Sampler
 from errors import UsageError
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def read_metadata(path, require_text=True):
@@ -51,6 +53,26 @@ def read_metadata(path, require_text=True):
     return records, {"metadata_lines": bad_lines, "missing_images": missing}
 
 
+def list_images(data_dir, label, suffixes=None):
+    """(paths, problems) of a folder of images: an imagefolder's listed images (its metadata.jsonl; `text` may be
+    empty, as in SA-1B's) with its skipped lines as problems, else every file below it (not hidden ones; with
+    `suffixes`, only names ending in one of them). `label` names the folder in errors (e.g. "--data_dir PATH")."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise UsageError(f"{label} is not a folder: pass an imagefolder (metadata.jsonl + images) or a folder of "
+                         f"images.")
+    problems = []
+    if (root / "metadata.jsonl").is_file():
+        records, bad = read_metadata(root, require_text=False)
+        paths, problems = [r["image"] for r in records], bad["metadata_lines"] + bad["missing_images"]
+    else:
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                       and (suffixes is None or p.suffix.lower() in suffixes))
+    if not paths:
+        raise UsageError(f"{label} holds no images ({'; '.join(problems[:3]) or 'no image files'}).")
+    return paths, problems
+
+
 def load_image(path):
     """An RGB image, EXIF orientation applied, fully decoded (so a truncated file fails here, not later)."""
     with Image.open(path) as image:
@@ -73,7 +95,7 @@ def crop_pixels(image, resolution, rng=None, flip=False):
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
-class KeyedImages(Dataset):
+class KeyedImages(Dataset, abc.ABC):
     """Samples indexed by (epoch, index) keys (StreamSampler), so that crops and flips depend only on the seed, the
     epoch and the index: the same on resume and with any number of data-loader workers. An item that cannot be read
     is replaced by the next one, and the sample lists it under "unreadable" so the training loop can count it.
@@ -88,10 +110,12 @@ class KeyedImages(Dataset):
         return len(self.items)
 
     def name(self, item):
+        """How an item is named in the "unreadable" list: a path's file name."""
         return Path(item).name
 
+    @abc.abstractmethod
     def read(self, item, flip, rng):
-        raise NotImplementedError
+        """The sample of `item` (a dict of tensors and lists), mirrored when `flip`; random crops draw from `rng`."""
 
     def __getitem__(self, key):
         epoch, index = key

@@ -34,37 +34,19 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from errors import UsageError, exit_on_usage_error
-from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
+from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, crop_pixels, list_images, load_image
 from partitioned_vae import DECODE_MODES, find_vae_dir, make_f16_vae, quiet_config_warning
 from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
 from training import CHECKPOINT_PREFIX, find_checkpoint, list_checkpoints
 
 logger = get_logger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 MAX_ADAPTIVE_WEIGHT = 1e4
 
 
 #################################################################################
 #                                      Data                                     #
 #################################################################################
-
-def list_train_images(data_dir):
-    """(paths, problems): an imagefolder's images (its metadata.jsonl; `text` may be empty), else every image file."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a folder: pass an imagefolder (metadata.jsonl with file_name) or a folder "
-                         f"of images.")
-    problems = []
-    if (root / "metadata.jsonl").is_file():
-        records, bad = read_metadata(root, require_text=False)
-        paths, problems = [r["image"] for r in records], bad["metadata_lines"] + bad["missing_images"]
-    else:
-        paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not paths:
-        raise UsageError(f"No image in {root} ({'; '.join(problems[:3]) or 'no image files'}).")
-    return paths, problems
-
 
 class TrainImages(KeyedImages):
     """Random crops of the image files, keyed by (epoch, index) (imagefolder.KeyedImages)."""
@@ -225,7 +207,8 @@ def log_validation(accelerator, vae, images, output_dir, step):
 
 def validation_images(args, train_paths):
     """Centre crops of the first --num_validation_images images of --validation_data_dir (default: the train set)."""
-    paths = list_train_images(args.validation_data_dir)[0] if args.validation_data_dir else train_paths
+    folder = args.validation_data_dir
+    paths = list_images(folder, f"--validation_data_dir {folder}", IMAGE_SUFFIXES)[0] if folder else train_paths
     crops = []
     for path in paths:
         if len(crops) == args.num_validation_images:
@@ -352,7 +335,7 @@ def main(args):
     set_seed(args.seed)
 
     # Setup data:
-    paths, problems = list_train_images(args.train_data_dir)
+    paths, problems = list_images(args.train_data_dir, f"--train_data_dir {args.train_data_dir}", IMAGE_SUFFIXES)
     dataset = TrainImages(paths, args.resolution, args.random_flip, args.seed)
     world_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(dataset) / world_batch)

@@ -2,8 +2,8 @@
 paper's steps and resumes.
 
 Quick path (default run): the demo's own VAE (128², 570 steps, seed 0: the same settings, so the same weights on the
-same machine) under a transformer trained 450 steps instead of 800, built once per session (about 2.5 minutes on 2
-idle cores), and 2 fine-tuning steps. Slow path (`pytest -m slow`): the demo at its defaults, held to the issue's bar.
+same machine) under a transformer trained 450 steps instead of 800, built once per session (151 s on 2 idle
+cores), and 2 fine-tuning steps. Slow path (`pytest -m slow`): the demo at its defaults, held to the issue's bar.
 """
 import json
 import shutil

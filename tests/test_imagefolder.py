@@ -6,7 +6,7 @@ from PIL import Image
 
 from errors import UsageError
 from fid_metrics import read_eval_set
-from imagefolder import load_image, read_metadata
+from imagefolder import IMAGE_SUFFIXES, list_images, load_image, read_metadata
 
 
 @pytest.fixture
@@ -41,3 +41,22 @@ def test_eval_set_refuses_what_training_would_skip(folder):
         read_eval_set(folder / "nothing.jsonl")
     with pytest.raises(FileNotFoundError):
         read_metadata(folder / "sub")
+
+
+def test_list_images_reads_the_metadata_or_every_file_and_names_the_folder_in_errors(folder, tmp_path_factory):
+    # An imagefolder: its listed images (text optional), its skipped lines as problems.
+    paths, problems = list_images(folder, "--data_dir X")
+    assert paths == [folder / "ok.png", folder / "ok.png"]  # the line without text counts for VAE data
+    assert problems == ["line 2: invalid JSON (Expecting property name enclosed in double quotes)",
+                        "line 5: gone.png does not exist"]
+    # A plain folder: every file below it but hidden ones, or those with an image suffix.
+    plain = tmp_path_factory.mktemp("plain")
+    (plain / "sub").mkdir()
+    for name in ("b.PNG", "sub/a.jpg", "notes.txt", ".hidden.png"):
+        (plain / name).write_bytes(b"")
+    assert list_images(plain, "--data_dir X") == ([plain / "b.PNG", plain / "notes.txt", plain / "sub" / "a.jpg"], [])
+    assert list_images(plain, "--data_dir X", IMAGE_SUFFIXES)[0] == [plain / "b.PNG", plain / "sub" / "a.jpg"]
+    with pytest.raises(UsageError, match="--train_data_dir Y holds no images"):
+        list_images(tmp_path_factory.mktemp("empty"), "--train_data_dir Y")
+    with pytest.raises(UsageError, match="--data_dir Z is not a folder"):
+        list_images(plain / "b.PNG", "--data_dir Z")
