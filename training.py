@@ -259,6 +259,12 @@ def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generato
     return loss_fn(pred, target, compute_loss_weighting_for_sd3(weighting_scheme, sigmas))
 
 
+def make_predict(spec, transformer, guidance_scale=None):
+    """spec.predict for this transformer: the guidance embedding fed `guidance_scale` where the transformer has one
+    (FLUX.1-dev's, trained at --guidance_scale), no guidance input otherwise (SD3)."""
+    return partial(spec.predict, guidance_scale=guidance_scale if transformer.config.get("guidance_embeds") else None)
+
+
 def update_weights(accelerator, transformer, optimizer, lr_scheduler, loss, max_grad_norm):
     """Backward, then (on the last micro-batch of an accumulation) clip, step the optimiser and the schedule."""
     accelerator.backward(loss)
@@ -759,8 +765,7 @@ def train(args, spec):
     if lora_config:
         params = lora.attach_for_training(transformer, lora_config, None if is_deepspeed else torch.float32)
         lora.register_checkpoint_hooks(accelerator, spec.pipeline_class)
-    guidance = args.guidance_scale if transformer.config.get("guidance_embeds") else None  # FLUX.1-dev: on
-    predict = partial(spec.predict, guidance_scale=guidance)
+    predict = make_predict(spec, transformer, getattr(args, "guidance_scale", None))
     optimizer = build_optimizer(params, accelerator, args.use_8bit_adam, lr=args.learning_rate,
                                 betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                                 weight_decay=args.adam_weight_decay)

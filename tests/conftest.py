@@ -111,3 +111,30 @@ def tiny_ckpts(tmp_path_factory):
     from tiny_models import save_tiny_pipelines
 
     return save_tiny_pipelines(tmp_path_factory.mktemp("tiny"))
+
+
+QUICK_MINIATURE = {"size": 128, "vae_steps": 570, "transformer_steps": 450, "seed": 0}  # the demo's VAE, a shorter DiT
+
+
+@pytest.fixture(scope="session")
+def quick_miniatures(tmp_path_factory):
+    """{"sd3": Path, "flux": Path}: the pretrained miniatures at QUICK_MINIATURE settings, built once per session
+    (SD3: the demo's own VAE under a transformer trained 450 steps; Flux: 450 steps on the same VAE's latents)."""
+    import miniature
+
+    # MINIATURE_CACHE=DIR keeps the build between sessions (a developer's loop); CI builds it afresh.
+    root = Path(os.environ["MINIATURE_CACHE"]) if os.environ.get("MINIATURE_CACHE") else tmp_path_factory.mktemp("mini")
+    sd3 = miniature.build_miniature(root / "miniature-sd3", **QUICK_MINIATURE)
+    flux = miniature.build_flux_miniature(root / "miniature-flux", sd3, QUICK_MINIATURE["transformer_steps"],
+                                          QUICK_MINIATURE["seed"])
+    return {"sd3": sd3, "flux": flux}
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """The miniature's eight photos at 128 x 128 as a training imagefolder (demo.make_image_folder)."""
+    from demo import make_image_folder
+
+    folder = tmp_path_factory.mktemp("photos") / "photos"
+    make_image_folder(folder, QUICK_MINIATURE["size"])
+    return folder

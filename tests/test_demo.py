@@ -18,7 +18,7 @@ from PIL import Image
 import miniature
 from partitioned_vae import load_f16_vae
 
-QUICK = {"size": 128, "vae_steps": 570, "transformer_steps": 450, "seed": 0}
+from conftest import QUICK_MINIATURE as QUICK  # noqa: E402  the one cached build shared with test_conventions.py
 VAE_F8_PSNR = 18.0  # dB, the demo's bar; measured 19.7 with torch's 2 threads, 21.1 with one
 QUICK_SAMPLE_MATCH = 5  # of 8 (chance: 1); measured 7 at 450 transformer steps (8 at the demo's 800)
 DEMO_FLAGS = ["--resolution", "128", "--vae_steps", "570", "--transformer_steps", "450", "--finetune_steps", "2",
@@ -26,9 +26,9 @@ DEMO_FLAGS = ["--resolution", "128", "--vae_steps", "570", "--transformer_steps"
 
 
 @pytest.fixture(scope="session")
-def quick_miniature(tmp_path_factory):
+def quick_miniature(quick_miniatures):
     """The miniature pipeline folder at QUICK settings."""
-    return miniature.build_miniature(tmp_path_factory.mktemp("mini") / "miniature-sd3", **QUICK)
+    return quick_miniatures["sd3"]
 
 
 def photos(size):

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from PIL import Image
@@ -18,10 +17,9 @@ from skimage import data
 
 from detail_metrics import compression_ratio, glcm_score
 from errors import UsageError
-from fid_metrics import (add_fid_images, aesthetic_scores, clip_scores, count_truncated, fid_tensor,
-                         load_aesthetic_clip, load_aesthetic_head, load_clip_score_model, load_fid, read_eval_set)
+from fid_metrics import add_fid_images, fid_tensor, load_fid, read_eval_set
 from generate_and_eval_fid import main, parse_args
-from tiny_models import TINY_OPEN_CLIP_CONFIG, build_tiny_clip_score_model, save_tiny_metric_models
+from tiny_models import save_tiny_metric_models
 
 SIZE = 64
 METRICS = ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio")
@@ -212,53 +210,6 @@ def test_fid_of_a_set_against_itself_is_zero(metric_files):
     scale = 2 * float(total - n * mean @ mean) / (n - 1)
     assert fid.real_features_sum.shape == (2048,) and scale > 1
     assert abs(float(fid.compute())) < 1e-5 * scale
-
-
-def test_clip_score_equals_the_cosine_of_clip_embeddings_and_truncates_long_prompts(tmp_path):
-    model, processor = build_tiny_clip_score_model(seed=1)
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    clip_model, clip_processor = load_clip_score_model(tmp_path)
-    photos = [Image.fromarray(getattr(data, name)()) for name in IMAGES]
-    ours = clip_scores(photos, PROMPTS, clip_model, clip_processor)
-
-    tokens = [processor.tokenizer(p)["input_ids"] for p in PROMPTS]
-    tokens = [t if len(t) <= 77 else t[:76] + [processor.tokenizer.eos_token_id] for t in tokens]
-    with torch.no_grad():
-        pixels = processor(images=photos, return_tensors="pt")["pixel_values"]
-        image_emb = model.get_image_features(pixel_values=pixels).pooler_output
-        text_emb = torch.cat([model.get_text_features(input_ids=torch.tensor([t])).pooler_output for t in tokens])
-    cosine = torch.nn.functional.cosine_similarity(image_emb, text_emb).numpy()
-    np.testing.assert_allclose(ours, np.maximum(100 * cosine, 0), rtol=1e-4, atol=1e-4)
-    assert max(ours) > 0
-    assert count_truncated(PROMPTS, clip_processor) == 1
-
-
-def test_aesthetics_is_the_linear_head_on_the_normalised_clip_embedding(metric_files, tmp_path):
-    # The folder form (open_clip_config.json + weights), and weights files loaded with a registered small config.
-    (tmp_path / "Tiny-ViT-L-14.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
-    open_clip.add_model_config(tmp_path / "Tiny-ViT-L-14.json")
-    folder_model, preprocess = load_aesthetic_clip(metric_files["aesthetic_clip"])
-    torch.save(folder_model.state_dict(), tmp_path / "state_dict.bin")
-    scripted = load_aesthetic_clip(metric_files["aesthetic_clip"])[0]
-    mask = scripted.attn_mask
-    del scripted.attn_mask  # OpenAI's model holds its causal mask as a plain attribute, outside the state dict
-    scripted.attn_mask = mask
-    torch.jit.save(torch.jit.script(scripted), tmp_path / "torchscript.pt")  # OpenAI's ViT-L-14.pt is TorchScript
-    head = load_aesthetic_head(metric_files["aesthetic_head"])
-    photos = [Image.fromarray(getattr(data, name)()) for name in IMAGES]
-    ours = aesthetic_scores(photos, folder_model, preprocess, head)
-    for name in ("state_dict.bin", "torchscript.pt"):
-        file_model, _ = load_aesthetic_clip(tmp_path / name, arch="Tiny-ViT-L-14")
-        assert aesthetic_scores(photos, file_model, preprocess, head) == ours
-
-    state = torch.load(metric_files["aesthetic_head"], weights_only=True)
-    with torch.no_grad():
-        embedding = folder_model.encode_image(torch.stack([preprocess(p) for p in photos])).double().numpy()
-    x = embedding / np.linalg.norm(embedding, axis=1, keepdims=True)
-    for layer in (0, 2, 4, 6, 7):  # the reference keys; dropout between them, no activation
-        x = x @ state[f"layers.{layer}.weight"].double().numpy().T + state[f"layers.{layer}.bias"].double().numpy()
-    np.testing.assert_allclose(ours, x[:, 0], rtol=1e-4, atol=1e-5)
 
 
 def test_eval_set_reads_prompts_and_real_images_next_to_the_jsonl(eval_set, tmp_path):

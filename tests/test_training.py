@@ -438,4 +438,7 @@ def test_loss_precision_autocast_reaches_the_loss_of_a_bf16_run(tiny_ckpts, data
                    cache=cache_dir)
     assert theirs["settings"]["loss_precision"] == "autocast" and theirs["engine"]["mixed_precision"] == "bf16"
     assert ours["losses"] != theirs["losses"]  # the same draws, only the rounding differs
-    np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=0.05)
+    # bf16 keeps 8 significant bits: each rounded tensor is off by at most 2^-8 relative, a squared error by about
+    # twice that, and the chain rounds a few times (latents, sigma, z_t, prediction, x0_hat): 1 % bounds it, 0.11 %
+    # measured (2.0229 against 2.0251). A loss computed from other draws or another target differs by far more.
+    np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=0.01)
