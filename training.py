@@ -1019,7 +1019,8 @@ def build_parser(description, spec):
                    help="remove an earlier run in --output_dir (its caches are kept) and start a new one")
     p.add_argument("--accept_changed_settings", action="store_true",
                    help="resume although flags that define the run (model, data, resolution, learning rate, loss, "
-                        "seed, batch, LoRA, ...) differ from the checkpoint's")
+                        "seed, batch, LoRA, ...) differ from the checkpoint's (whose model, optimizer and schedule "
+                        "states are restored as saved)")
     p.add_argument("--validation_prompt", default=None, help="generate images of this prompt during training")
     p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation_images", type=int, default=1)
