@@ -150,6 +150,19 @@ def test_eval_scripts_hold_their_outputs_and_stop_with_one_line(tmp_path):
                                                "--device", "cpu", "--num_workers", "0", "--no_progress"]))
 
 
+def test_every_writing_script_stops_on_a_held_folder_before_loading(tiny_ckpts, dataset, tmp_path, nothing_loads):
+    out = tmp_path / "out"
+    fid = ["--checkpoint_path", str(tiny_ckpts["sd3"]), "--json_file", str(dataset / "metadata.jsonl"),
+           "--save_path", str(out)]
+    sc_vae = ["--pretrained_model_name_or_path", str(tiny_ckpts["sd3"]), "--train_data_dir", str(dataset),
+              "--output_dir", str(out), "--lpips_scale", "0"]
+    with held(out):
+        with pytest.raises(UsageError, match="--save_path .*out is in use by another run"):
+            generate_and_eval_fid.main(generate_and_eval_fid.parse_args(fid)[1])
+        with pytest.raises(UsageError, match="--output_dir .*out is in use by another run"):
+            train_sc_vae.main(train_sc_vae.parse_args(sc_vae))
+
+
 #################################################################################
 #                                 Atomic writes                                 #
 #################################################################################
@@ -192,7 +205,7 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
 
 def test_csv_readers_leave_out_a_last_line_cut_short(tmp_path):
     path = tmp_path / "losses.csv"
-    path.write_text("step,loss,lr\n1,0.5,1e-06\n2,0.25,1e-06\n3,0.1")  # killed while appending row 3
+    path.write_text("step,loss,lr\n1,0.5,1e-06\n2,0.25,1e-06\n3,0.1,1e-0")  # killed while appending row 3
     assert outputs.read_csv_rows(path) == [{"step": "1", "loss": "0.5", "lr": "1e-06"},
                                            {"step": "2", "loss": "0.25", "lr": "1e-06"}]
     assert training.read_losses(path) == [0.5, 0.25]
@@ -345,6 +358,7 @@ def test_each_bad_flag_is_one_usage_error_naming_it_before_any_model_loads(tiny_
         (generate_and_eval_fid, fid + ["--num_inference_steps", "0"], "--num_inference_steps must be at least 1"),
         (generate_and_eval_fid, fid + ["--max_samples", "0"], "--max_samples must be at least 1"),
         (generate_and_eval_fid, fid + ["--grid", "0"], "--grid must be at least 1"),
+        (generate_and_eval_fid, fid, "Metric model weights are missing"),  # checked under the lock: out removed
     ]
     for module, argv, message in cases:
         args = module.parse_args(argv)
