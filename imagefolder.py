@@ -30,9 +30,9 @@ def read_metadata(path, require_text=True):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
 
-    A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, holds a value that is not valid
-    UTF-8 text, or names an image that does not exist (`file_name` is relative to the jsonl's folder). require_text False: `text` may be empty or absent (VAE
-    data such as SA-1B's). Images are not decoded here.
+    A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, holds a value that is not
+    valid UTF-8 text, or names an image that does not exist (`file_name` is relative to the jsonl's folder).
+    require_text False: `text` may be empty or absent (VAE data such as SA-1B's). Images are not decoded here.
     """
     path = Path(path)
     if path.is_dir():

@@ -237,8 +237,9 @@ def step_generator(seed, step, micro_step, rank):
 
 def check_args(args):
     """UsageError for flags out of range or that cannot work together."""
-    check_at_least(1, train_batch_size=args.train_batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
-                   num_train_epochs=args.num_train_epochs, max_train_steps=args.max_train_steps, grid=args.grid,
+    check_at_least(1, train_batch_size=args.train_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
+                   max_train_steps=args.max_train_steps, grid=args.grid,
                    checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
                    num_validation_images=args.num_validation_images, validation_steps=args.validation_steps,
                    discriminator_channels=args.discriminator_channels, discriminator_depth=args.discriminator_depth)

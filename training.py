@@ -521,7 +521,8 @@ def check_pipeline_class(model_dir, spec):
     try:
         found = json.loads(Path(model_dir, "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as error:
-        raise UsageError(f"--pretrained_model_name_or_path {model_dir}: unreadable model_index.json ({error}).") from None
+        raise UsageError(f"--pretrained_model_name_or_path {model_dir}: unreadable model_index.json "
+                         f"({error}).") from None
     expected = spec.pipeline_class.__name__
     if found != expected:
         other = [f"train_{name}.py" for name, m in MODELS.items() if m.pipeline_class.__name__ == found]
