@@ -311,6 +311,15 @@ def test_completed_is_written_only_after_the_final_save(tiny_ckpts, dataset, tmp
     summary = json.loads((tmp_path / "full/train_summary.json").read_text())
     assert summary["status"].startswith("stopped: could not save the final model")
     monkeypatch.undo()
+    # A run killed while it trains (here: interrupted) leaves "running", never an earlier run's "completed":
+    train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "killed", cache=tmp_path / "cache")
+    monkeypatch.setattr(training, "update_weights", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "killed", "--max_train_steps", "2",
+              "--resume_from_checkpoint", "latest", cache=tmp_path / "cache")
+    summary = json.loads((tmp_path / "killed/train_summary.json").read_text())
+    assert summary["status"] == "running" and summary["resumed_from_step"] == 1
+    monkeypatch.undo()
     caplog.set_level("INFO")
     lora = train("sd3", tiny_ckpts["sd3"], dataset, tmp_path / "lora", "--lora_rank", "4", cache=tmp_path / "cache")
     assert lora["status"] == "completed" and (tmp_path / "lora/pytorch_lora_weights.safetensors").is_file()
