@@ -246,6 +246,7 @@ def main(args):
                 "--no-random_flip", "--max_train_steps", args.finetune_steps,
                 "--checkpointing_steps", args.finetune_steps, "--learning_rate", args.learning_rate,
                 "--mixed_precision", "no", "--seed", args.seed, "--report_to", "none", *flags,
+                "--resume_from_checkpoint", "latest",  # a demo killed while training continues its run
             ], out)
         summary[f"train_{name}"] = json.loads((finetuned / "train_summary.json").read_text())
     summary["findings"] = {"wlf_vs_mse": weight_difference(out / "finetuned-wlf", out / "finetuned-mse"),

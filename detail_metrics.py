@@ -6,9 +6,7 @@ histogram of its distinct values) or a `graycoprops` feature; mean over patches,
 Compression Ratio: Σ raw RGB bytes / Σ JPEG (q95) bytes.
 """
 
-import csv
 import io
-import json
 import math
 import multiprocessing
 import os
@@ -21,6 +19,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import outputs
 from errors import UsageError
 
 GLCM_PROPS = ("entropy", "contrast", "dissimilarity", "homogeneity", "energy", "correlation", "ASM")
@@ -29,6 +28,7 @@ GLCM_DISTANCES = (1, 2, 3, 4)
 GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, np.pi * 3 / 4)  # the authors' list, as floats
 N_OFFSETS = len(GLCM_DISTANCES) * len(GLCM_ANGLES)
 N_CELLS = N_OFFSETS * GLCM_LEVELS ** 2  # values in one patch's normed GLCM
+NOT_IMAGES = (".json", ".jsonl", ".csv")  # sidecars, metadata and results the generating scripts write beside images
 CSV_FIELDS = ("file", "width", "height", "n_patches", "glcm", "raw_bytes", "compressed_bytes",
               "compression_ratio")
 
@@ -317,7 +317,8 @@ def list_files(img_root, recursive=False):
         found = [os.path.join(d, f) for d, subdirs, files in os.walk(img_root) for f in files]
     else:
         found = [os.path.join(img_root, f) for f in os.listdir(img_root)]
-    found = sorted(f for f in found if os.path.isfile(f) and not os.path.basename(f).startswith("."))
+    found = sorted(f for f in found if os.path.isfile(f) and not os.path.basename(f).startswith(".")
+                   and not f.lower().endswith(NOT_IMAGES))
     if not found:
         hint = "" if recursive else " (add --recursive to look into sub-folders)"
         raise UsageError(f"no files in {img_root!r}{hint}: point --img_root at a folder of images")
@@ -404,11 +405,7 @@ def evaluate_folder(img_root, prop="entropy", patch_size=64, device="cpu", worke
 
 
 def write_outputs(summary, rows, csv_path, json_path):
-    """Per-image CSV and JSON summary (NaN written as null in the JSON)."""
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+    """Per-image CSV and JSON summary (NaN written as null in the JSON), each written atomically."""
+    outputs.write_csv(csv_path, rows, CSV_FIELDS)
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    with open(json_path, "w") as f:
-        json.dump(clean, f, indent=2)
+    outputs.write_json(json_path, clean)

@@ -13,3 +13,10 @@ def exit_on_usage_error(prog, run, *args, **kwargs):
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_at_least(minimum, **flags):
+    """UsageError naming the first flag (`name=value`; None: not given) whose value is below `minimum`."""
+    for name, value in flags.items():
+        if value is not None and value < minimum:
+            raise UsageError(f"--{name} must be at least {minimum}, got {value}.")

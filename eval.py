@@ -7,7 +7,8 @@ import warnings
 import torch
 
 from detail_metrics import GLCM_PROPS, evaluate_folder, write_outputs
-from errors import UsageError, exit_on_usage_error
+import outputs
+from errors import UsageError, check_at_least, exit_on_usage_error
 
 
 def print_table(summary, rows, max_rows=20):
@@ -31,17 +32,23 @@ def main(args):
         raise UsageError("--device cuda was given but torch sees no GPU; use --device cpu")
     if not os.path.isdir(args.img_root):
         raise UsageError(f"--img_root {args.img_root!r} is not a folder")
+    if not 1 <= args.jpeg_quality <= 100:
+        raise UsageError(f"--jpeg_quality must be from 1 to 100 (paper: 95), got {args.jpeg_quality}.")
+    check_at_least(1, patch_size=args.patch_size, workers=args.workers, size=args.size)
     stem = os.path.normpath(args.img_root)
     csv_path = args.output_csv or f"{stem}_eval.csv"
     json_path = args.output_json or f"{stem}_eval.json"
+    outputs.make_writable_folder(os.path.dirname(os.path.abspath(csv_path)), "--output_csv")
+    json_folder, json_name = os.path.split(os.path.abspath(json_path))
 
-    # Measure every image:
-    summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size, device=args.device,
-                                    workers=args.workers, cr_mode=args.cr_mode, quality=args.jpeg_quality,
-                                    recursive=args.recursive, size=args.size)  # UsageError: empty or unreadable
+    # Measure every image (one run at a time writes these outputs):
+    with outputs.FolderLock(json_folder, "--output_json", name=f".{json_name}.lock"):
+        summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size, device=args.device,
+                                        workers=args.workers, cr_mode=args.cr_mode, quality=args.jpeg_quality,
+                                        recursive=args.recursive, size=args.size)  # UsageError: empty or unreadable
+        write_outputs(summary, rows, csv_path, json_path)
 
     # Report:
-    write_outputs(summary, rows, csv_path, json_path)
     print_table(summary, rows)
     if math.isnan(summary["glcm_score"]):
         print(f"No image holds a {args.patch_size}×{args.patch_size} patch: the GLCM Score is undefined (null).")

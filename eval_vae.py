@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from errors import UsageError, exit_on_usage_error
+import outputs
+from errors import UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
 from reconstruction import (EVAL_MODES, F8_MODES, LPIPS_BACKBONES, factor_of_mode, load_lpips, load_vae, lpips_distance,
@@ -69,16 +70,16 @@ class ImageFiles(torch.utils.data.Dataset):
 #################################################################################
 
 def read_rows(csv_path):
-    """The per-image rows already written, with their numbers as floats."""
-    if not Path(csv_path).is_file():
-        return []
-    with open(csv_path, newline="") as handle:
-        return [{k: (v if k == "file" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+    """The per-image rows already written, with their numbers as floats (a row cut short by a kill is left out)."""
+    return [{k: (v if k == "file" else float(v)) for k, v in row.items()} for row in outputs.read_csv_rows(csv_path)]
 
 
 def write_rows(csv_path, rows, columns, mode="w"):
-    """Write (mode "w") or append ("a") rows to the CSV, the header first in a new file, flushed to disk."""
-    new = mode == "w" or not Path(csv_path).is_file()
+    """Write (mode "w", atomically) or append ("a") rows to the CSV, the header first in a new file, flushed."""
+    if mode == "w":
+        outputs.write_csv(csv_path, rows, columns)
+        return
+    new = not Path(csv_path).is_file()
     with open(csv_path, mode, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         if new:
@@ -90,9 +91,7 @@ def write_rows(csv_path, rows, columns, mode="w"):
 
 def save_json(path, data):
     """Write JSON through a temporary file, so a killed run leaves the old file or the new one."""
-    partial = Path(f"{path}.partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    outputs.write_json(path, data)
 
 
 def save_fid_state(path, fid, n_rows):
@@ -157,11 +156,24 @@ def summarize(rows, skipped, settings, fid, complete):
 
 
 def main(args):
-    metrics = check_metrics(args.metrics)
+    """Check every flag, hold --output_json for this run, then evaluate (`run`)."""
+    check_metrics(args.metrics)
     factor = factor_of_mode(args.vae_mode)
     if args.size % factor or args.size <= 16:
         raise UsageError(f"--size {args.size}: --vae_mode {args.vae_mode or 'partitioned'} needs a multiple of "
                          f"{factor} above 16.")
+    check_at_least(1, max_images=args.max_images, save_every=args.save_every, grid=args.grid)
+    check_at_least(0, num_workers=args.num_workers)
+    output_json = Path(args.output_json)
+    if args.output_csv:
+        outputs.make_writable_folder(Path(args.output_csv).parent, "--output_csv")
+    with outputs.FolderLock(output_json.parent, "--output_json", name=f".{output_json.name}.lock"):
+        return run(args)
+
+
+def run(args):
+    """Reconstruct and score each image not in the CSV yet, then write the summary; returns it."""
+    metrics = check_metrics(args.metrics)
     device = torch.device(args.device)
     output_json = Path(args.output_json)
     csv_path = Path(args.output_csv or output_json.with_suffix(".csv"))
@@ -189,6 +201,7 @@ def main(args):
     columns = ["file"] + [name for name in metrics if name != "rfid"]
     if fid is not None and rows:
         rows = rows[:load_fid_state(fid_state, fid)]
+    if rows:  # rewritten without a row cut short, so that appended rows start on a line of their own
         write_rows(csv_path, rows, columns)
     done = {row["file"] for row in rows}
     save_json(output_json, summarize(rows, skipped, settings, None, complete=False))

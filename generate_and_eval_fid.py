@@ -6,7 +6,6 @@ computed once, on the main process, over every image. All models load from local
 --protocol paper (default) follows the paper's text; --protocol authors the authors' script (PROTOCOL.md §6).
 """
 import argparse
-import csv
 import json
 import os
 from pathlib import Path
@@ -23,9 +22,11 @@ from tqdm import tqdm
 
 import lora
 import low_memory
-from errors import UsageError, exit_on_usage_error
+import outputs
+from errors import UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
-from generation import add_generation_flags, check_checkpoint, generate, load_pipeline, save_image, vae_settings
+from generation import (add_generation_flags, check_checkpoint, check_generation_flags, generate, load_pipeline,
+                        save_image, vae_settings)
 from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 
@@ -84,12 +85,9 @@ def check_generation_settings(save_path, settings):
 
 
 def write_results(save_path, metrics, rows):
-    """metrics.json and per_image.csv in save_path."""
-    (Path(save_path) / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
-    with open(Path(save_path) / "per_image.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """metrics.json and per_image.csv in save_path (each written atomically)."""
+    outputs.write_json(Path(save_path) / "metrics.json", metrics, ensure_ascii=False)
+    outputs.write_csv(Path(save_path) / "per_image.csv", rows, list(rows[0]))
 
 
 #################################################################################
@@ -107,10 +105,19 @@ def generation_settings(args):
 
 
 def main(args):
-    """Generate this process's share of the missing eval images, then score every image (main process)."""
-    # Check everything before generating anything:
+    """Check the flags, hold --save_path for this run (main process), then generate and score (`run`)."""
+    check_generation_flags(args)
+    check_at_least(1, size=args.size, max_samples=args.max_samples, eval_batch_size=args.eval_batch_size)
+    check_at_least(0, num_workers=args.num_workers)
     # Without CUDA, processes started by `accelerate launch` / torchrun share the work on the CPU (gloo).
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with outputs.FolderLock(args.save_path, "--save_path", main=state.is_main_process):
+        return run(args, state)
+
+
+def run(args, state):
+    """Generate this process's share of the missing eval images, then score every image (main process)."""
+    # Check everything before generating anything:
     if not args.skip_generation and args.checkpoint_path is None:
         raise UsageError("--checkpoint_path is required unless --skip_generation is given.")
     metric_files = {flag: getattr(args, flag) for flag in WEIGHT_SOURCES}
@@ -138,7 +145,7 @@ def main(args):
         state.wait_for_everyone()  # every process has listed the folder before any image is written
         if state.is_main_process:
             Path(args.save_path).mkdir(parents=True, exist_ok=True)
-            (Path(args.save_path) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+            outputs.write_json(Path(args.save_path) / SETTINGS_FILE, settings)
         mine = todo[state.process_index::state.num_processes]
         if mine:
             pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,

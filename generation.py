@@ -25,7 +25,8 @@ from PIL import Image, PngImagePlugin
 
 import lora
 import low_memory
-from errors import UsageError, exit_on_usage_error
+import outputs
+from errors import UsageError, check_at_least, exit_on_usage_error
 from models import MODELS, Sampling, max_image_side, model_of
 from partitioned_vae import VAE_MODES, check_size, find_vae_dir, quiet_config_warning, use_f16_vae
 
@@ -171,6 +172,18 @@ def check_resolution(pipe, height, width):
                          f"F={factor} VAE.{hint}")
 
 
+def read_text_lines(path, label):
+    """The lines of a UTF-8 text file; UsageError naming the first line that is not valid UTF-8."""
+    lines = Path(path).read_bytes().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise UsageError(f"{label}: line {number} is not valid UTF-8 text ({error.reason} at byte {error.start}): "
+                             f"save the file as UTF-8.") from None
+    return [line.decode("utf-8") for line in lines]
+
+
 def read_prompts(prompt=None, prompt_file=None):
     """The prompts to generate: --prompt, the non-blank lines of --prompt_file, or the built-in showcase list."""
     if prompt is not None:
@@ -181,7 +194,7 @@ def read_prompts(prompt=None, prompt_file=None):
         path = Path(prompt_file)
         if not path.is_file():
             raise UsageError(f"--prompt_file {path} does not exist.")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [line.strip() for line in read_text_lines(path, f"--prompt_file {path}") if line.strip()]
         if not prompts:
             raise UsageError(f"--prompt_file {path} holds no prompt: write one prompt per line.")
         unique = list(dict.fromkeys(prompts))
@@ -353,29 +366,30 @@ def save_image(image, path, metadata, extra=None, overwrite=False):
 
     PNG: tEXt chunks "prompt" and "settings" (JSON). JPEG (quality 95): the JSON in the COM segment and the
     prompt as EXIF ImageDescription. The sidecar holds `metadata` and `extra` (e.g. timings, which would
-    make the image bytes change from run to run). Raises FileExistsError unless `overwrite`.
+    make the image bytes change from run to run). Both are written atomically, the sidecar first: an image under
+    its final name is complete and has its sidecar (a sidecar alone, of a killed run, is replaced). Raises
+    FileExistsError when the image exists, unless `overwrite`.
     """
     path = Path(path)
-    for target in (path, sidecar_path(path)):
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target} exists: pass --overwrite to replace it, or choose another --save_path.")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists: pass --overwrite to replace it, or choose another --save_path.")
     settings = json.dumps(metadata, ensure_ascii=False)
     suffix = path.suffix.lower()
-    if suffix == ".png":
-        info = PngImagePlugin.PngInfo()
-        info.add_text("prompt", str(metadata.get("prompt", "")))
-        info.add_text("settings", settings)
-        image.save(path, pnginfo=info)
-    elif suffix in (".jpg", ".jpeg"):
-        exif = Image.Exif()
-        exif[0x010E] = str(metadata.get("prompt", ""))  # ImageDescription
-        exif[0x0131] = "Diffusion-4K generation.py"  # Software
-        image.convert("RGB").save(path, quality=JPEG_QUALITY, exif=exif, comment=settings.encode("utf-8"))
-    else:
+    if suffix not in (".png", ".jpg", ".jpeg"):
         raise UsageError(f"Cannot save {path}: use a .png or .jpg file name.")
     sidecar = {"image": path.name, **metadata, **(extra or {})}
-    sidecar_path(path).write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    outputs.write_json(sidecar_path(path), sidecar, ensure_ascii=False)
+    with outputs.atomic_path(path) as tmp:
+        if suffix == ".png":
+            info = PngImagePlugin.PngInfo()
+            info.add_text("prompt", str(metadata.get("prompt", "")))
+            info.add_text("settings", settings)
+            image.save(tmp, pnginfo=info)
+        else:
+            exif = Image.Exif()
+            exif[0x010E] = str(metadata.get("prompt", ""))  # ImageDescription
+            exif[0x0131] = "Diffusion-4K generation.py"  # Software
+            image.convert("RGB").save(tmp, quality=JPEG_QUALITY, exif=exif, comment=settings.encode("utf-8"))
     return path
 
 
@@ -392,11 +406,17 @@ def read_image_settings(path):
 #                                 Command line                                  #
 #################################################################################
 
+def check_generation_flags(args):
+    """UsageError naming the first sampling flag out of range (shared by the generating scripts)."""
+    check_at_least(1, num_inference_steps=args.num_inference_steps, max_sequence_length=args.max_sequence_length,
+                   grid=args.grid)
+
+
 def main(args):
     """Generate one image per prompt and seed (seed, seed+1, ...); returns the saved image paths."""
     # Check the request before loading anything:
-    if args.num_images < 1 or args.num_inference_steps < 1:
-        raise UsageError("--num_images and --num_inference_steps must be at least 1.")
+    check_at_least(1, num_images=args.num_images)
+    check_generation_flags(args)
     check_size(args.height, args.width)
     prompts = read_prompts(args.prompt, args.prompt_file)
     check_checkpoint(args.model, args.checkpoint_path)
@@ -404,13 +424,17 @@ def main(args):
     jobs = [(prompt, seed, output_path(args.save_path, args.model, prompt, args.height, args.width,
                                        args.guidance_scale, seed, args.save_format, args.vae_mode))
             for prompt in prompts for seed in seeds]
-    existing = [p for _, _, path in jobs for p in (path, sidecar_path(path)) if p.exists()]
-    if existing and not args.overwrite:
-        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-        raise UsageError(f"{existing[0]}{more} already exist(s): pass --overwrite to replace, "
-                         f"or choose another --save_path.")
+    with outputs.FolderLock(args.save_path, "--save_path"):  # one run at a time writes into a folder
+        existing = [path for _, _, path in jobs if path.exists()]  # an image without its sidecar is never left
+        if existing and not args.overwrite:
+            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+            raise UsageError(f"{existing[0]}{more} already exist(s): pass --overwrite to replace, "
+                             f"or choose another --save_path.")
+        return generate_jobs(args, jobs)
 
-    # Load the pipeline:
+
+def generate_jobs(args, jobs):
+    """Load the pipeline, generate and save each (prompt, seed, path) of `jobs`; returns the saved paths."""
     pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
                          vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
                          lora_scale=args.lora_scale, **low_memory.from_args(args))
@@ -426,8 +450,6 @@ def main(args):
         "generator": "torch.Generator('cpu').manual_seed(seed)",
         "diffusers": diffusers.__version__, "torch": torch.__version__,
     }
-
-    # Generate:
     saved, step_times = [], []
     for prompt, seed, path in jobs:
         negative = getattr(args, "negative_prompt", None)

@@ -15,13 +15,24 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError) 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
+def is_text(value):
+    """Whether `value` is absent or a string that is valid Unicode text (no lone surrogates: no undecodable bytes)."""
+    if not isinstance(value, str):
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_metadata(path, require_text=True):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
 
-    A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, or names an image that does not
-    exist (`file_name` is relative to the jsonl's folder). require_text False: `text` may be empty or absent (VAE
-    data such as SA-1B's). Images are not decoded here.
+    A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, holds a value that is not
+    valid UTF-8 text, or names an image that does not exist (`file_name` is relative to the jsonl's folder).
+    require_text False: `text` may be empty or absent (VAE data such as SA-1B's). Images are not decoded here.
     """
     path = Path(path)
     if path.is_dir():
@@ -30,7 +41,7 @@ def read_metadata(path, require_text=True):
         raise FileNotFoundError(f"{path} not found: an imagefolder needs a metadata.jsonl holding one JSON object a "
                                 f"line with 'file_name' (relative to its folder) and 'text'")
     records, bad_lines, missing = [], [], []
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    with open(path, encoding="utf-8", errors="surrogateescape") as lines:  # bad bytes -> lone surrogates
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -45,7 +56,9 @@ def read_metadata(path, require_text=True):
                     break
             else:
                 image = path.parent / entry["file_name"]
-                if not image.is_file():
+                if not is_text(entry["file_name"]) or not is_text(entry.get("text")):
+                    bad_lines.append(f"line {number}: {entry['file_name']!a}: not valid UTF-8 text")
+                elif not image.is_file():
                     missing.append(f"line {number}: {entry['file_name']} does not exist")
                 else:
                     text = entry.get("text") if isinstance(entry.get("text"), str) else ""

@@ -10,7 +10,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 
-DATA_DIR=${DATA_DIR:-./data/aesthetic-4k/train}
+DATA_DIR=${DATA_DIR:-./data/Aesthetic-4K/train}
 GLOBAL_BATCH=${GLOBAL_BATCH:-32}  # the paper: 32 images per optimiser step (their ds_config.yaml: SD3 64, Flux 32)
 ACCUMULATION=$(( GLOBAL_BATCH / (PER_DEVICE_BATCH * NUM_PROCESSES) ))
 if (( ACCUMULATION < 1 || ACCUMULATION * PER_DEVICE_BATCH * NUM_PROCESSES != GLOBAL_BATCH )); then

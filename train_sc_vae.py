@@ -33,15 +33,21 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from errors import UsageError, exit_on_usage_error
+import outputs
+import training
+from errors import UsageError, check_at_least, exit_on_usage_error
 from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, crop_pixels, list_images, load_image
 from partitioned_vae import DECODE_MODES, find_vae_dir, make_f16_vae, quiet_config_warning
 from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
-from training import CHECKPOINT_PREFIX, find_checkpoint, list_checkpoints
+from training import (CHECKPOINT_PREFIX, check_output_dir, clear_run, find_checkpoint, holds_run, list_checkpoints,
+                      run_settings)
 
 logger = get_logger(__name__)
 
 MAX_ADAPTIVE_WEIGHT = 1e4
+RUN_FILES = ("train_summary.json", "vae")  # with checkpoint-N folders: what an earlier run leaves in --output_dir
+# Flags a resume may change (training.EXTENDING_FLAGS, and these): every other flag defines the run.
+EXTENDING_FLAGS = training.EXTENDING_FLAGS | {"num_train_epochs", "validation_data_dir"}
 
 
 #################################################################################
@@ -173,7 +179,7 @@ def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=No
     tmp = final.with_name(final.name + ".tmp")
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        outputs.write_json(tmp / "trainer_state.json", trainer_state)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, path in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
@@ -194,9 +200,9 @@ def log_validation(accelerator, vae, images, output_dir, step):
     metrics = {f"val_{name}": float(value.mean()) for name, value in pixel_metrics(x01, x_hat01, ("psnr", "ssim")).items()}
     pairs = torch.cat([x01, x_hat01], dim=3)  # each original beside its reconstruction
     folder = Path(output_dir) / "validation"
-    folder.mkdir(parents=True, exist_ok=True)
     grid = (torch.cat(list(pairs), dim=1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(grid).save(folder / f"step-{step:06d}.png")
+    with outputs.atomic_path(folder / f"step-{step:06d}.png") as tmp:
+        Image.fromarray(grid).save(tmp)
     accelerator.log(metrics, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -230,7 +236,17 @@ def step_generator(seed, step, micro_step, rank):
 
 
 def check_args(args):
-    """UsageError for flags that cannot work together."""
+    """UsageError for flags out of range or that cannot work together."""
+    check_at_least(1, train_batch_size=args.train_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
+                   max_train_steps=args.max_train_steps, grid=args.grid,
+                   checkpointing_steps=args.checkpointing_steps, checkpoints_total_limit=args.checkpoints_total_limit,
+                   num_validation_images=args.num_validation_images, validation_steps=args.validation_steps,
+                   discriminator_channels=args.discriminator_channels, discriminator_depth=args.discriminator_depth)
+    check_at_least(0, dataloader_num_workers=args.dataloader_num_workers, lr_warmup_steps=args.lr_warmup_steps)
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise UsageError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give "
+                         "one of them.")
     if args.resolution % 16 or args.resolution < 32:
         raise UsageError(f"--resolution {args.resolution} must be a multiple of 16 (the F=16 VAE), at least 32.")
     if args.gen_scale > 0 and args.resolution // 2 ** args.discriminator_depth < 2:
@@ -324,14 +340,24 @@ def optimiser_step(models, data, step, args, accelerator):
 
 
 def main(args):
+    """Check every flag; the launch's main process holds --output_dir while the run (`fine_tune`) lasts."""
     check_args(args)
+    with outputs.FolderLock(args.output_dir, "--output_dir"):
+        check_output_dir(args, Path(args.output_dir), RUN_FILES, EXTENDING_FLAGS)
+        return fine_tune(args)
+
+
+def fine_tune(args):
+    """Train the decoder (main's checks passed); save OUTPUT_DIR/vae and train_summary.json; return the summary."""
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if args.overwrite_output_dir and accelerator.is_main_process and holds_run(output_dir, RUN_FILES):
+        clear_run(output_dir)
+    accelerator.wait_for_everyone()
     set_seed(args.seed)
 
     # Setup data:
@@ -371,7 +397,7 @@ def main(args):
         progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
         accelerator.log(logs, step=step + 1)
         if (step + 1) % args.checkpointing_steps == 0:
-            state = {"global_step": step + 1, "skipped_images": gather_union(skipped)}
+            state = {"global_step": step + 1, "skipped_images": gather_union(skipped), "settings": run_settings(args)}
             save_checkpoint(accelerator, output_dir, step + 1, state, args.checkpoints_total_limit)
         if val_images is not None and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
             with swapped_in(models.ema, vae_module(models.student).decoder):
@@ -391,7 +417,7 @@ def main(args):
         summary = {"steps": max_steps, "resumed_from_step": start_step, "losses": losses,
                    "n_skipped": len(skipped) + len(problems), "skipped_images": skipped, "metadata_problems": problems,
                    "train_images": len(dataset), "seconds": round(time.time() - started, 1), **metrics}
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        outputs.write_json(output_dir / "train_summary.json", summary)
         logger.info(f"Saved the SC-VAE to {output_dir / 'vae'}")
     accelerator.end_training()
     return summary
@@ -461,6 +487,11 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing_steps", type=int, default=10000, help="authors: 10,000")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="remove an earlier run in --output_dir and start a new one")
+    p.add_argument("--accept_changed_settings", action="store_true",
+                   help="resume although flags that define the run (data, VAE, losses, learning rates, seed, batch, "
+                        "...) differ from the checkpoint's")
     p.add_argument("--validation_data_dir", default=None, help="images to reconstruct (default: the first train ones)")
     p.add_argument("--num_validation_images", type=int, default=4)
     p.add_argument("--validation_steps", type=int, default=1000)

@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import lora
-from errors import UsageError
+import outputs
+from errors import UsageError, check_at_least
 from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
-from models import max_image_side
+from models import MODELS, max_image_side
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
 
@@ -44,6 +45,12 @@ logger = get_logger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 ENCODE_BATCH_SIZE = 8  # captions per text-encoder call while filling the cache
 MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counted)
+# Flags a resume may change: they only extend or observe the run (every other flag defines it).
+EXTENDING_FLAGS = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
+                   "validation_prompt", "validation_steps", "num_validation_images", "report_to",
+                   "dataloader_num_workers", "output_dir", "data_cache_dir", "gradient_checkpointing",
+                   "overwrite_output_dir", "accept_changed_settings"}
+RUN_FILES = ("train_summary.json", "losses.csv", "transformer", "model_index.json", "pytorch_lora_weights.safetensors")
 
 
 #################################################################################
@@ -314,6 +321,8 @@ def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
     lr and weight decay). Otherwise use_8bit_adam takes bitsandbytes' AdamW8bit.
     """
     if deepspeed_offloads_optimizer(accelerator):
+        logger.info("Loading DeepSpeed's CPU Adam (cpu_adam): its first use compiles it once, which takes a few "
+                    "minutes without output; later runs reuse the build.")
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
@@ -469,7 +478,8 @@ def log_validation(accelerator, spec, model_dir, vae, embedding_files, dtype, fo
     model.train()
     folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        image.save(folder / f"step-{step:06d}-{i}.png")
+        with outputs.atomic_path(folder / f"step-{step:06d}-{i}.png") as tmp:
+            image.save(tmp)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             pixels = np.stack([np.asarray(image) for image in images])
@@ -493,16 +503,89 @@ def check_args(args, spec):
     if not Path(model_dir, "model_index.json").is_file():
         raise UsageError(f"--pretrained_model_name_or_path {model_dir} is not a local diffusers pipeline folder (no "
                          f"model_index.json). Download the pipeline first, e.g. into ./pretrain/.")
+    check_pipeline_class(model_dir, spec)
     for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise UsageError("--checkpoints_total_limit must be at least 1 (or left out to keep every checkpoint).")
+    check_at_least(1, max_sequence_length=args.max_sequence_length, wavelet_levels=args.wavelet_levels,
+                   validation_steps=args.validation_steps, num_validation_images=args.num_validation_images)
+    check_at_least(0, dataloader_num_workers=args.dataloader_num_workers, lr_warmup_steps=args.lr_warmup_steps)
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise UsageError("--overwrite_output_dir starts a new run and --resume_from_checkpoint continues one: give "
+                         "one of them.")
     config = spec.transformer_class.load_config(model_dir, subfolder="transformer")
     if max_image_side(config) and args.resolution > max_image_side(config):  # SD3's positional embedding
         raise UsageError(f"--resolution {args.resolution} is too large for this transformer: its positional embedding "
                          f"covers {config['pos_embed_max_size']} patches a side, i.e. {max_image_side(config)} pixels "
                          f"with the F=16 VAE.")
+
+
+def check_pipeline_class(model_dir, spec):
+    """UsageError naming the model unless model_index.json's _class_name is the pipeline this trainer fine-tunes."""
+    try:
+        found = json.loads(Path(model_dir, "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UsageError(f"--pretrained_model_name_or_path {model_dir}: unreadable model_index.json "
+                         f"({error}).") from None
+    expected = spec.pipeline_class.__name__
+    if found != expected:
+        other = [f"train_{name}.py" for name, m in MODELS.items() if m.pipeline_class.__name__ == found]
+        hint = f": use {other[0]}" if other else ""
+        raise UsageError(f"--pretrained_model_name_or_path {model_dir} holds a {found} pipeline, but this trainer "
+                         f"fine-tunes {spec.title} ({expected}){hint}.")
+
+
+def run_settings(args):
+    """The run's flags as JSON values (tuples as lists), as train_summary.json and each checkpoint record them."""
+    return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+                                 default=str))
+
+
+def holds_run(output_dir, run_files=RUN_FILES):
+    """What in `output_dir` belongs to an earlier run (checkpoints, logs, the saved model), or []."""
+    output_dir = Path(output_dir)
+    found = [name for name in run_files if (output_dir / name).exists()]
+    return found + sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
+
+
+def changed_settings(saved, current, extending=EXTENDING_FLAGS):
+    """["--flag: old -> new"] for each defining flag whose value differs from the run's recorded one (flags the
+    record lacks, added to the trainer since, are not compared)."""
+    return [f"--{k}: {saved[k]!r} -> {current[k]!r}" for k in current
+            if k in saved and k not in extending and saved[k] != current[k]]
+
+
+def check_output_dir(args, output_dir, run_files=RUN_FILES, extending=EXTENDING_FLAGS):
+    """Refuse an --output_dir holding an earlier run unless resuming it (with the settings that define it, unless
+    --accept_changed_settings) or --overwrite_output_dir. Reads only: nothing is written here."""
+    earlier = holds_run(output_dir, run_files)
+    if earlier and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {output_dir} already holds a run ({', '.join(earlier[:4])}): continue it with "
+                         f"--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another "
+                         f"--output_dir.")
+    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    if checkpoint is None:
+        return
+    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("settings", {})
+    changed = changed_settings(saved, run_settings(args), extending)
+    if changed and not args.accept_changed_settings:
+        raise UsageError(f"{checkpoint} was trained with other settings ({'; '.join(changed)}): resume with the same "
+                         f"flags, add --accept_changed_settings to continue with the new ones, or start a new run in "
+                         f"another --output_dir.")
+
+
+def clear_run(output_dir):
+    """Remove everything of an earlier run from output_dir (--overwrite_output_dir) except the caches and the lock."""
+    for path in Path(output_dir).iterdir():
+        if path.name in ("cache", outputs.LOCK_NAME):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    logger.info(f"Removed the earlier run in {output_dir} (--overwrite_output_dir)")
 
 
 def launched_processes():
@@ -664,23 +747,17 @@ def cache_training_latents(accelerator, vae, records, data_dir, files, resolutio
 
 
 def read_losses(path):
-    """The per-step losses of losses.csv, in step order."""
-    if not Path(path).is_file():
-        return []
-    with open(path, newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f)]
+    """The per-step losses of losses.csv, in step order (a last row cut short by a kill is left out)."""
+    return [float(row["loss"]) for row in outputs.read_csv_rows(path)]
 
 
 def open_loss_log(path, keep_until_step):
-    """losses.csv (step, loss, lr) open for appending, rows after `keep_until_step` dropped; .writer writes rows."""
-    rows = []
-    if keep_until_step and Path(path).is_file():
-        with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= keep_until_step]
-    log = open(path, "w", newline="", buffering=1)
+    """losses.csv (step, loss, lr) open for appending, rows after `keep_until_step` dropped (the kept rows are
+    rewritten atomically first, a row cut short left out); .writer writes rows."""
+    rows = [row for row in outputs.read_csv_rows(path) if int(row["step"]) <= keep_until_step]
+    outputs.write_csv(path, rows, ["step", "loss", "lr"])
+    log = open(path, "a", newline="", buffering=1)
     log.writer = csv.DictWriter(log, fieldnames=["step", "loss", "lr"])
-    log.writer.writeheader()
-    log.writer.writerows(rows)
     return log
 
 
@@ -709,9 +786,9 @@ def write_summary(accelerator, args, status, step, problems, run):
         **problems.summary(gathered),
         **run["caches"], "seconds": round(elapsed, 3),
         "images_per_second": round(trained * run["images_per_step"] / elapsed, 4) if elapsed > 0 and trained else None,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        "settings": run_settings(args),
     }
-    path.write_text(json.dumps(summary, indent=2))
+    outputs.write_json(path, summary)
     logger.info(f"{status.split(':')[0]} at step {step}; skipped {summary['skipped']}, "
                 f"up-scaled {summary['upscaled_images']}; see {path}")
     return summary
@@ -722,12 +799,23 @@ def write_summary(accelerator, args, status, step, problems, run):
 #################################################################################
 
 def train(args, spec):
-    """Fine-tune the transformer of a `spec` (models.MODELS) pipeline; returns train_summary.json (main process)."""
-    # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
+    """Fine-tune the transformer of a `spec` (models.MODELS) pipeline; returns train_summary.json (main process).
+    Every flag is checked first; then the launch's main process holds --output_dir until the run ends."""
     check_args(args, spec)
+    lora_config = lora.check_training_flags(args, spec.transformer_class, args.pretrained_model_name_or_path)
+    with outputs.FolderLock(args.output_dir, "--output_dir"):
+        check_output_dir(args, Path(args.output_dir))
+        return fine_tune(args, spec, lora_config)
+
+
+def fine_tune(args, spec, lora_config):
+    """The run itself (train's checks passed, --output_dir held): setup, data, model, loop, final save."""
+    # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
     model_dir, output_dir = args.pretrained_model_name_or_path, Path(args.output_dir)
-    lora_config = lora.check_training_flags(args, spec.transformer_class, model_dir)  # None: full fine-tuning
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
+    if args.overwrite_output_dir and accelerator.is_main_process and holds_run(output_dir):
+        clear_run(output_dir)
+    accelerator.wait_for_everyone()
     configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm, args.use_8bit_adam)
     is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     set_seed(args.seed)
@@ -803,6 +891,7 @@ def train(args, spec):
 
     # Training loop:
     global_step, micro_step, step_losses, run["started"] = start_step, 0, [], time.time()
+    write_summary(accelerator, args, "running", start_step, problems, run)  # an earlier "completed" is now stale
     progress = tqdm(total=args.max_train_steps, initial=start_step, desc="Steps",
                     disable=not accelerator.is_local_main_process)
     data = iter(dataloader)
@@ -826,7 +915,7 @@ def train(args, spec):
             step_losses = []
             if global_step % args.checkpointing_steps == 0:
                 state = {"global_step": global_step, "base_pipeline": str(Path(model_dir).resolve()),
-                         **problems.gather()}
+                         **problems.gather(), "settings": run_settings(args)}
                 save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit,
                                 None if lora_config else transformer)  # a LoRA checkpoint holds its adapter
             if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
@@ -838,22 +927,35 @@ def train(args, spec):
         progress.close()
         if loss_log is not None:
             loss_log.close()
-    summary = write_summary(accelerator, args, "completed", global_step, problems, run)
-
-    # Save the fine-tuned pipeline (the fine-tuned transformer + the original components):
+    # Save the fine-tuned pipeline (the fine-tuned transformer + the original components), then say "completed":
     accelerator.wait_for_everyone()
-    if lora_config:  # the adapter as diffusers' LoRA trainers write it; with --merge_lora also the merged pipeline
-        lora.save_adapter(accelerator, transformer, spec.pipeline_class, output_dir)
-        if args.merge_lora:
-            lora.merged_transformer(accelerator.unwrap_model(transformer))
-    if not lora_config or args.merge_lora:
-        save_pipeline(accelerator, transformer, model_dir, output_dir)
+    try:
+        saved = save_final(accelerator, transformer, lora_config, args.merge_lora, spec, model_dir, output_dir)
+    except OSError as error:  # a full disk, a quota: the summary must not say "completed"
+        write_summary(accelerator, args, f"stopped: could not save the final model ({error})", global_step, problems,
+                      run)
+        raise UsageError(f"Could not save the final model in {output_dir} ({error}); the checkpoints are intact: free "
+                         f"disk space, then resume with --resume_from_checkpoint latest.") from error
     if validate and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
         validate(transformer, global_step)
+    summary = write_summary(accelerator, args, "completed", global_step, problems, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    logger.info(f"Saved the fine-tuned pipeline to {output_dir}")
+    logger.info(f"Saved {saved} to {output_dir}")
     return summary
+
+
+def save_final(accelerator, transformer, lora_config, merge_lora, spec, model_dir, output_dir):
+    """The LoRA adapter (and with --merge_lora the merged pipeline), or the fine-tuned pipeline; returns what."""
+    if lora_config:  # the adapter as diffusers' LoRA trainers write it; with --merge_lora also the merged pipeline
+        lora.save_adapter(accelerator, transformer, spec.pipeline_class, output_dir)
+        if merge_lora:
+            lora.merged_transformer(accelerator.unwrap_model(transformer))
+    if not lora_config or merge_lora:
+        save_pipeline(accelerator, transformer, model_dir, output_dir)
+    if lora_config:
+        return "the LoRA adapter and the merged pipeline" if merge_lora else "the LoRA adapter"
+    return "the fine-tuned pipeline"
 
 
 #################################################################################
@@ -919,6 +1021,12 @@ def build_parser(description, spec):
     p.add_argument("--checkpointing_steps", type=int, default=5000, help="authors: 5,000")
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="remove an earlier run in --output_dir (its caches are kept) and start a new one")
+    p.add_argument("--accept_changed_settings", action="store_true",
+                   help="resume although flags that define the run (model, data, resolution, learning rate, loss, "
+                        "seed, batch, LoRA, ...) differ from the checkpoint's (whose model, optimizer and schedule "
+                        "states are restored as saved)")
     p.add_argument("--validation_prompt", default=None, help="generate images of this prompt during training")
     p.add_argument("--validation_steps", type=int, default=1000)
     p.add_argument("--num_validation_images", type=int, default=1)
