@@ -1,5 +1,5 @@
-"""Diffusion-4K in miniature, on real pictures (CPU): a tiny SD3 pretrained on the eight scikit-image photographs
-(miniature.py), then the paper's steps through the scripts a user runs: the F=16 VAE without retraining, WLF
+"""Diffusion-4K in miniature, on real pictures (CPU): a tiny SD3 and a tiny Flux pretrained on the eight scikit-image
+photographs (miniature.py), then the paper's steps through the scripts a user runs: the F=16 VAE without retraining, WLF
 fine-tuning at F=16 under DeepSpeed ZeRO-2, generation, GLCM Score / Compression Ratio and the eval protocol."""
 import argparse
 import csv
@@ -16,12 +16,19 @@ from errors import UsageError, exit_on_usage_error
 
 ROOT = Path(__file__).resolve().parent
 # The fine-tuning runs (name: trainer flags), all from the same seed; the first one's samples are "after fine-tuning".
-FINETUNES = {
-    "wlf": ["--loss", "wlf"],
-    "mse": ["--loss", "mse"],
-    "wlf-1222": ["--loss", "wlf", "--wavelet_band_weights", "1,2,2,2"],
+FINETUNES = {  # name: (model, trainer flags); Flux gets one WLF fine-tune beside SD3's three
+    "wlf": ("sd3", ["--loss", "wlf"]),
+    "mse": ("sd3", ["--loss", "mse"]),
+    "wlf-1222": ("sd3", ["--loss", "wlf", "--wavelet_band_weights", "1,2,2,2"]),
+    "flux-wlf": ("flux", ["--loss", "wlf"]),
 }
-GENERATED = ("pretrained", "wlf", "wlf-1222")  # mse is not generated: its weights are those of wlf (see summary)
+# Sample folders: name -> (model, the pipeline folder in OUT); mse is not generated: its weights are wlf's (summary).
+GENERATED = {"pretrained": ("sd3", "miniature-sd3"), "wlf": ("sd3", "finetuned-wlf"),
+             "wlf-1222": ("sd3", "finetuned-wlf-1222"), "flux-pretrained": ("flux", "miniature-flux"),
+             "flux-wlf": ("flux", "finetuned-flux-wlf")}
+
+
+SHEET_SAMPLES = ("pretrained", "wlf", "flux-pretrained", "flux-wlf")  # summary.png's sample columns
 
 
 def log(msg):
@@ -74,6 +81,41 @@ def make_image_folder(folder, size):
             photo(name, size).save(folder / f"{name}.png")
             f.write(json.dumps({"file_name": f"{name}.png", "text": caption}) + "\n")
     (folder.parent / "captions.txt").write_text("\n".join(PHOTOS.values()) + "\n")
+
+
+def finetune(name, model, flags, out, photos_dir, args):
+    """OUT/finetuned-NAME: the `model` miniature fine-tuned on the photos by train_MODEL.py under accelerate launch
+    with DeepSpeed ZeRO-2 (kept when already there)."""
+    from miniature import PHOTOS
+
+    finetuned = out / f"finetuned-{name}"
+    if (finetuned / "model_index.json").exists():
+        return
+    run(f"train_{name}", [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "ds_config.yaml", "--num_processes", "1",
+        "--mixed_precision", "no", f"train_{model}.py",
+        "--pretrained_model_name_or_path", out / f"miniature-{model}", "--instance_data_dir", photos_dir,
+        "--output_dir", finetuned, "--resolution", args.resolution, "--train_batch_size", len(PHOTOS),
+        "--cache_latents", "--no-random_flip", "--max_train_steps", args.finetune_steps,
+        "--checkpointing_steps", args.finetune_steps, "--learning_rate", args.learning_rate,
+        "--mixed_precision", "no", "--seed", args.seed, "--report_to", "none", *flags,
+        "--resume_from_checkpoint", "latest",  # a demo killed while training continues its run
+    ], out)
+
+
+def generate(name, model, pipeline, captions, folder, out, args):
+    """One image per caption from `pipeline` by test_MODEL.py through the F=16 partitioned VAE. Flux: its miniature's
+    training guidance and T5 length (it has no classifier-free guidance)."""
+    from miniature import FLUX_GUIDANCE, FLUX_TEXT_LENGTH
+
+    model_flags = (["--guidance_scale", FLUX_GUIDANCE, "--max_sequence_length", FLUX_TEXT_LENGTH] if model == "flux"
+                   else ["--guidance_scale", args.guidance_scale])
+    run(f"generate_{name}", [
+        sys.executable, f"test_{model}.py", "--checkpoint_path", pipeline, "--prompt_file", captions,
+        "--height", args.resolution, "--width", args.resolution, "--num_inference_steps", args.steps, *model_flags,
+        "--num_images", 1, "--seed", args.seed, "--dtype", "fp32", "--device", "cpu", "--vae_mode", "partitioned",
+        "--save_path", folder, "--overwrite",
+    ], out)
 
 
 #################################################################################
@@ -200,7 +242,8 @@ def print_table(summary):
     fid = s["fid_sd3"]
     print(f"eval protocol (random stand-in metric networks, numbers meaningless): FID {fid['fid']:.2f}  "
           f"CLIPScore {fid['clip_score']:.2f}  Aesthetics {fid['aesthetics']:.3f}")
-    print(f"\nsample_match {s['sample_match']}/8; outputs in {s['out']}: summary.png, summary.json, logs/")
+    print(f"\nsample_match {s['sample_match']}/8 (SD3), {s['sample_match_flux']}/8 (Flux); outputs in {s['out']}: "
+          f"summary.png, summary.json, logs/")
 
 
 def main(args):
@@ -211,7 +254,7 @@ def main(args):
     os.environ["HF_HUB_OFFLINE"] = "1"
     start = time.time()
     summary = {"settings": vars(args), "out": str(out)}
-    from miniature import PHOTOS, build_settings, is_built
+    from miniature import PHOTOS, build_settings, flux_settings, is_built
 
     # The pretrained model in miniature (cached: built once per settings):
     mini = out / "miniature-sd3"
@@ -221,12 +264,16 @@ def main(args):
                           "--vae_steps", args.vae_steps, "--transformer_steps", args.transformer_steps,
                           "--seed", args.seed], out, show=True)
     summary["miniature"] = json.loads((mini / "MINIATURE.json").read_text())
+    mini_flux = out / "miniature-flux"  # a Flux transformer on the same VAE's latents
+    if not is_built(mini_flux, flux_settings(mini, args.transformer_steps, args.seed)):
+        run("miniature_flux", [py, "miniature.py", "--model", "flux", "--vae_from", mini, "--output_dir", mini_flux,
+                               "--transformer_steps", args.transformer_steps, "--seed", args.seed], out, show=True)
+    summary["miniature_flux"] = json.loads((mini_flux / "MINIATURE.json").read_text())
 
     # Data: the photos as a training imagefolder (also the eval set, real images for FID), captions as prompts:
     photos_dir = out / "data" / "photos"
     if not (photos_dir / "metadata.jsonl").exists():
         make_image_folder(photos_dir, args.resolution)
-    captions = out / "data" / "captions.txt"
 
     # The F=16 VAE without retraining, against F=8 and against F=8 at half the resolution:
     recon = vae_reconstructions(mini, photos_dir, out / "reconstructions")
@@ -235,34 +282,17 @@ def main(args):
     summary["vae_psnr_per_photo"] = {n: {k: v[1] for k, v in r.items()} for n, r in recon.items()}
 
     # WLF fine-tuning at F=16 through accelerate launch + DeepSpeed ZeRO-2 (optimizer offloaded to CPU):
-    for name, flags in FINETUNES.items():
-        finetuned = out / f"finetuned-{name}"
-        if not (finetuned / "model_index.json").exists():
-            run(f"train_{name}", [
-                py, "-m", "accelerate.commands.launch", "--config_file", "ds_config.yaml", "--num_processes", "1",
-                "--mixed_precision", "no", "train_sd3.py",
-                "--pretrained_model_name_or_path", mini, "--instance_data_dir", photos_dir, "--output_dir", finetuned,
-                "--resolution", args.resolution, "--train_batch_size", len(PHOTOS), "--cache_latents",
-                "--no-random_flip", "--max_train_steps", args.finetune_steps,
-                "--checkpointing_steps", args.finetune_steps, "--learning_rate", args.learning_rate,
-                "--mixed_precision", "no", "--seed", args.seed, "--report_to", "none", *flags,
-                "--resume_from_checkpoint", "latest",  # a demo killed while training continues its run
-            ], out)
-        summary[f"train_{name}"] = json.loads((finetuned / "train_summary.json").read_text())
+    for name, (model, flags) in FINETUNES.items():
+        finetune(name, model, flags, out, photos_dir, args)
+        summary[f"train_{name}"] = json.loads((out / f"finetuned-{name}" / "train_summary.json").read_text())
     summary["findings"] = {"wlf_vs_mse": weight_difference(out / "finetuned-wlf", out / "finetuned-mse"),
                            "wlf_1222_vs_wlf": weight_difference(out / "finetuned-wlf", out / "finetuned-wlf-1222")}
 
     # Generate through the F=16 partitioned VAE, before and after fine-tuning, one image per caption:
     gen_dir = out / "generated"
-    for name in GENERATED:
-        checkpoint = mini if name == "pretrained" else out / f"finetuned-{name}"
+    for name, (model, pipeline) in GENERATED.items():
         if len(samples_by_photo(gen_dir / name)) < len(PHOTOS):
-            run(f"generate_{name}", [
-                py, "test_sd3.py", "--checkpoint_path", checkpoint, "--prompt_file", captions,
-                "--height", args.resolution, "--width", args.resolution, "--num_inference_steps", args.steps,
-                "--guidance_scale", args.guidance_scale, "--num_images", 1, "--seed", args.seed, "--dtype", "fp32",
-                "--device", "cpu", "--vae_mode", "partitioned", "--save_path", gen_dir / name, "--overwrite",
-            ], out)
+            generate(name, model, out / pipeline, out / "data" / "captions.txt", gen_dir / name, out, args)
     samples = {name: samples_by_photo(gen_dir / name) for name in GENERATED}
     summary["samples"] = {}
     for name in GENERATED:
@@ -270,6 +300,7 @@ def main(args):
         summary["samples"][name] = {"psnr": sum(s["psnr"] for s in scores.values()) / len(scores),
                                     "match": sum(s["nearest"] == n for n, s in scores.items()), "per_photo": scores}
     summary["sample_match"] = summary["samples"]["wlf"]["match"]
+    summary["sample_match_flux"] = summary["samples"]["flux-wlf"]["match"]
 
     # Evaluate: GLCM Score and Compression Ratio of every sample, then the eval protocol on the fine-tuned model:
     detail_csv = out / "detail.csv"
@@ -303,10 +334,11 @@ def main(args):
         cells = [(photos_dir / f"{name}.png", "original")]
         cells += [(recon[name][k][0], f"{label} {recon[name][k][1]:.1f} dB")
                   for k, label in (("f8", "F=8"), ("f16", "F=16"), ("f8_half", "F=8 half"))]
-        cells += [(samples[g][name], f"{g[:8]} {summary['samples'][g]['per_photo'][name]['psnr']:.1f} dB")
-                  for g in ("pretrained", "wlf")]
+        cells += [(samples[g][name], f"{g.split('-')[-1][:8]} {summary['samples'][g]['per_photo'][name]['psnr']:.1f} dB")
+                  for g in SHEET_SAMPLES]
         rows.append((name, cells))
-    columns = ["photo", "F=8 recon", "F=16 recon", "F=8 of 1/2, up", "sample before", "sample after WLF"]
+    columns = ["photo", "F=8 recon", "F=16 recon", "F=8 of 1/2, up", "SD3 before", "SD3 after WLF", "Flux before",
+               "Flux after WLF"]
     contact_sheet(rows, columns, out / "summary.png")
     summary["seconds"] = round(time.time() - start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -21,6 +21,7 @@ from partitioned_vae import load_f16_vae
 from conftest import QUICK_MINIATURE as QUICK  # noqa: E402  the one cached build shared with test_conventions.py
 VAE_F8_PSNR = 18.0  # dB, the demo's bar; measured 19.7 with torch's 2 threads, 21.1 with one
 QUICK_SAMPLE_MATCH = 5  # of 8 (chance: 1); measured 7 at 450 transformer steps (8 at the demo's 800)
+FLUX_SAMPLE_MATCH = 6  # of 8, the bar for the Flux miniature (measured: see the closing note)
 DEMO_FLAGS = ["--resolution", "128", "--vae_steps", "570", "--transformer_steps", "450", "--finetune_steps", "2",
               "--steps", "4"]
 
@@ -62,15 +63,16 @@ def test_miniature_is_kept_when_built_with_the_same_settings(quick_miniature):
     assert not miniature.is_built(quick_miniature, miniature.build_settings(**{**QUICK, "vae_steps": 1}))
 
 
-def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniature):
+def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniatures):
     out = tmp_path / "demo"
-    shutil.copytree(quick_miniature, out / "miniature-sd3")  # the same settings as DEMO_FLAGS: the demo keeps it
+    for kind in ("sd3", "flux"):  # the same settings as DEMO_FLAGS: the demo keeps them
+        shutil.copytree(quick_miniatures[kind], out / f"miniature-{kind}")
     cmd = [sys.executable, "demo.py", "--out", str(out), *DEMO_FLAGS]
     first = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     summary = json.loads((out / "summary.json").read_text())
-    for name in ("wlf", "mse", "wlf-1222"):
+    for name in ("wlf", "mse", "wlf-1222", "flux-wlf"):
         train = summary[f"train_{name}"]
         assert train["status"] == "completed" and train["steps"] == 2
         assert train["engine"]["distributed_type"] == "DEEPSPEED" and train["engine"]["offload_optimizer"] == "cpu"
@@ -79,15 +81,18 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
     assert findings["wlf_vs_mse"]["max_abs_difference"] < 1e-5
     assert findings["wlf_1222_vs_wlf"]["max_abs_difference"] > 100 * max(findings["wlf_vs_mse"]["max_abs_difference"],
                                                                          1e-7)
-    for name in ("pretrained", "wlf", "wlf-1222"):
+    for name in ("pretrained", "wlf", "wlf-1222", "flux-pretrained", "flux-wlf"):
         assert len(summary["samples"][name]["per_photo"]) == 8
         assert np.isfinite(summary["detail"][name]["glcm_score"])
     # The samples recall their own photos (nearest in PSNR), through test_sd3.py and the F=16 partitioned VAE:
     assert summary["sample_match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["wlf"]["per_photo"]
     assert summary["samples"]["pretrained"]["match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["pretrained"]
+    # The Flux miniature's samples too, through test_flux.py (packed latents, image ids, guidance embedding):
+    for name in ("flux-pretrained", "flux-wlf"):
+        assert summary["samples"][name]["match"] >= FLUX_SAMPLE_MATCH, summary["samples"][name]
     assert summary["vae_psnr_f8"] >= VAE_F8_PSNR and abs(summary["vae_psnr_f16"] - summary["vae_psnr_f8_half"]) < 1
     assert "random" in summary["fid_sd3_note"] and np.isfinite(summary["fid_sd3"]["fid"])
-    assert Image.open(out / "summary.png").size == (96 + 6 * 136, 20 + 8 * 150)
+    assert Image.open(out / "summary.png").size == (96 + 8 * 136, 20 + 8 * 150)
     assert "sample_match" in first.stdout
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".png", ".safetensors")
@@ -113,4 +118,5 @@ def test_demo_defaults_reach_the_bar(repo_root, tmp_path):
     assert summary["vae_psnr_f8"] >= 18.0
     assert abs(summary["vae_psnr_f16"] - summary["vae_psnr_f8_half"]) <= 1.0
     assert summary["sample_match"] >= 6, summary["samples"]["wlf"]["per_photo"]
+    assert summary["sample_match_flux"] >= 6 and summary["samples"]["flux-pretrained"]["match"] >= 6, summary["samples"]
     assert min(p["f8"] for p in summary["vae_psnr_per_photo"].values()) >= 16.0, summary["vae_psnr_per_photo"]
