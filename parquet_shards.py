@@ -65,13 +65,15 @@ def list_rows(data_dir, image_column=IMAGE_COLUMN, caption_column=CAPTION_COLUMN
             continue
         for row, value in enumerate(captions):
             text, problem = caption_of(value)
-            record = {"parquet_file": path, "row": row, "file_name": f"{path.name}#{row}", "text": text}
+            record = {"parquet_file": path, "row": row, "file_name": f"{path.relative_to(data_dir).as_posix()}#{row}",
+                      "text": text, "image_column": image_column}
             if problem:
                 record["caption_problem"] = problem
             records.append(record)
     return records, problems
 
 
+@lru_cache(maxsize=None)
 def row_groups(path):
     """[(row-group index, first row, rows)] of a shard."""
     meta, out, first = pq.ParquetFile(path).metadata, [], 0
@@ -81,9 +83,9 @@ def row_groups(path):
     return out
 
 
-@lru_cache(maxsize=2)  # a training process reads rows of one row group in turn, not in order: keep the last ones
-def _row_group(path, group, column):
-    """One row group's column as a Python list."""
+@lru_cache(maxsize=1)  # rows read in order (prepare_data, the latent cache) read each row group once
+def row_group_column(path, group, column):
+    """One row group's column as a Python list (Parquet reads a column a row group at a time)."""
     return pq.ParquetFile(path).read_row_group(group, columns=[column]).column(0).to_pylist()
 
 
@@ -91,7 +93,7 @@ def read_row_image_bytes(path, row, column=IMAGE_COLUMN):
     """The encoded image bytes of row `row` of shard `path`."""
     for group, first, rows in row_groups(str(path)):
         if first <= row < first + rows:
-            return image_bytes(_row_group(str(path), group, column)[row - first])
+            return image_bytes(row_group_column(str(path), group, column)[row - first])
     raise ValueError(f"{path} has no row {row}")
 
 

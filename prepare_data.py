@@ -160,7 +160,7 @@ def process_chunk(chunk, command, image_column, flat_std):
     rows, cells = [], None
     if "parquet_file" in chunk:
         try:
-            cells = ps._row_group(chunk["parquet_file"], chunk["group"], image_column)
+            cells = ps.row_group_column(chunk["parquet_file"], chunk["group"], image_column)
         except (*ps.SHARD_ERRORS, ValueError) as error:
             reason = f"row group {chunk['group']} unreadable, shard cut short? ({' '.join(str(error).split())[:120]})"
             return [{"name": it["name"], "error": reason} for it in chunk["items"]]
@@ -310,10 +310,11 @@ def thresholds_failed(row, args):
     return failed
 
 
-def pointer(item, out):
-    """A metadata.jsonl line's source for `item`: its file, or its shard and row, relative to `out`."""
+def pointer(item, out, image_column):
+    """A metadata.jsonl line's source for `item`: its file, or its shard, row and image column, relative to `out`."""
     if "parquet_file" in item:
-        return {"parquet_file": os.path.relpath(item["parquet_file"], out), "row": item["row"]}
+        return {"parquet_file": os.path.relpath(item["parquet_file"], out), "row": item["row"],
+                "image_column": image_column}
     return {"file_name": os.path.relpath(item["path"], out)}
 
 
@@ -336,7 +337,7 @@ def write_filter_outputs(out, items, problems, results, args):
         for name in failed:
             report["failed"][name] = report["failed"].get(name, 0) + 1
         if not failed:
-            lines.append(json.dumps({**pointer(item, out), "text": item["text"]}, ensure_ascii=False))
+            lines.append(json.dumps({**pointer(item, out, args.image_column), "text": item["text"]}, ensure_ascii=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS)
     writer.writeheader()
