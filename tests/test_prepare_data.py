@@ -301,3 +301,14 @@ def test_bad_flags_are_usage_errors(tmp_path):
         assert stop.value.code == 2
     with pytest.raises(prepare_data.UsageError, match="neither a metadata.jsonl"):
         run(["verify", str(tmp_path)])
+
+
+def test_flat_share_counts_patches_whose_luma_std_is_below_the_threshold():
+    checker = np.where((np.arange(64)[:, None] + np.arange(64)[None, :]) % 2, 1, -1)  # mean 0, std 1
+    y = np.full((128, 192), 100, np.int32)
+    y[:64, :64] += 2 * checker      # std 2.0: not below 2.0
+    y[:64, 64:128] += checker       # std 1.0: flat
+    y[64:, :64] += 3 * checker      # std 3.0
+    assert prepare_data.flat_share(y, 2.0) == pytest.approx(4 / 6)  # plus the two untouched patches
+    assert prepare_data.flat_share(y, 2.5) == pytest.approx(5 / 6)
+    assert prepare_data.parse_args(["verify", "x"]).flat_std == 2.0

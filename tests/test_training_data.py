@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 from skimage import data as skdata
 
 import imagefolder
@@ -185,3 +187,21 @@ def test_buckets_off_by_default_train_square(tiny_ckpts, tmp_path):
     summary = train("sd3", tiny_ckpts["sd3"], make_dataset(tmp_path / "data"), tmp_path / "out",
                     "--max_train_steps", "1")
     assert summary["buckets"] is None and summary["settings"]["aspect_ratio_buckets"] is False
+
+
+def test_each_sample_has_its_buckets_size_and_a_replacement_takes_it(tmp_path):
+    data = make_shapes(tmp_path / "shapes")
+    (data / "broken.png").write_bytes(b"not a png")
+    records, _ = training.read_training_data(data)
+    records.append({"file_name": "broken.png", "text": PHOTOS["rocket"], "image": data / "broken.png"})
+    sizes = imagefolder.bucket_sizes(128)
+    for record in records[:-1]:
+        record["size"] = imagefolder.nearest_bucket(*imagefolder.image_size(record, data), sizes)
+    records[-1]["size"] = (64, 256)  # the broken one's bucket: its replacement is read at this size
+    save_file({"prompt_embeds": torch.zeros(2)}, tmp_path / "e.safetensors")
+    dataset = training.TrainDataset(records, data, {PHOTOS[n]: tmp_path / "e.safetensors" for n in PHOTOS}, 128,
+                                    True, False, 0)
+    for index, record in enumerate(records):
+        sample = dataset[(0, index)]
+        assert sample["pixels"].shape == (3, record["size"][1], record["size"][0])
+    assert sample["unreadable"] and sample["unreadable"][0].startswith("broken.png")
