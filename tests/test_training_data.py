@@ -205,3 +205,14 @@ def test_each_sample_has_its_buckets_size_and_a_replacement_takes_it(tmp_path):
         sample = dataset[(0, index)]
         assert sample["pixels"].shape == (3, record["size"][1], record["size"][0])
     assert sample["unreadable"] and sample["unreadable"][0].startswith("broken.png")
+
+
+def test_latent_cache_keys_hold_the_bucket_size(tmp_path):
+    data = make_shapes(tmp_path / "shapes")
+    records, _ = training.read_training_data(data)
+    square = training.latent_files(records, data, tmp_path, "vae", 128, torch.float32)
+    bucketed = training.latent_files([{**r, "size": (192, 96)} for r in records], data, tmp_path, "vae", 128,
+                                     torch.float32)
+    other = training.latent_files([{**r, "size": (96, 192)} for r in records], data, tmp_path, "vae", 128,
+                                  torch.float32)
+    assert all(len({square[n], bucketed[n], other[n]}) == 3 for n in square)
