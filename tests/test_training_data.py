@@ -101,6 +101,11 @@ def test_each_image_goes_to_the_bucket_of_nearest_aspect_ratio():
         got = imagefolder.nearest_bucket(w, h, sizes)
         assert math.isclose(max(got[0] / got[1] / (w / h), (w / h) / (got[0] / got[1])),
                             max(best[0] / best[1] / (w / h), (w / h) / (best[0] / best[1])))
+    ratios = sorted(w / h for w, h in sizes)
+    for a, b in zip(ratios, ratios[1:]):  # between the geometric and the arithmetic mean: nearer b in log ratio
+        r = (math.sqrt(a * b) + (a + b) / 2) / 2
+        got = imagefolder.nearest_bucket(r, 1.0, sizes)
+        assert got[0] / got[1] == b
     assert imagefolder.nearest_bucket(3840, 2160, sizes) == (1344, 768)  # 16:9 -> Sana's 0.57 (1.75:1)
     assert imagefolder.nearest_bucket(2160, 3840, sizes) == (768, 1344)
 
