@@ -13,6 +13,7 @@ from scipy import ndimage
 from skimage.feature import graycomatrix
 from skimage.measure import shannon_entropy
 
+import fid_metrics
 import prepare_data
 from errors import exit_on_usage_error
 from imagefolder import read_metadata
@@ -276,12 +277,19 @@ def test_another_input_in_the_same_work_folder_is_refused(imagefolder, parquet_f
 # ------------------------------------------------------------------ eval sets
 
 
-def test_make_eval_set_keeps_short_sides_above_the_size(tmp_path):
+@pytest.mark.parametrize("layout", ["parquet", "imagefolder"])
+def test_make_eval_set_keeps_short_sides_above_the_size(tmp_path, layout):
     root = tmp_path / "big"
     (root / "data").mkdir(parents=True)
     sizes = {"big.png": (2049, 2300), "equal.png": (2048, 3000), "small.png": (1000, 1000), "wide.png": (4100, 2050)}
     rows = [(n, encode(np.zeros((h, w, 3), np.uint8)), f"caption of {n}") for n, (h, w) in sizes.items()]
-    write_shard(root / "data" / "train.parquet", rows)
+    if layout == "parquet":
+        write_shard(root / "data" / "train.parquet", rows)
+    else:
+        for name, data, _ in rows:
+            (root / name).write_bytes(data)
+        (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": t}) + "\n"
+                                                     for n, _, t in rows))
     out = tmp_path / "eval"
     report = run(["make_eval_set", str(root), "--size", "2048", "--out", str(out), "--workers", "1"])
     assert report["n_selected"] == 2 and report["n_too_small"] == 2
@@ -289,6 +297,8 @@ def test_make_eval_set_keeps_short_sides_above_the_size(tmp_path):
     assert [r["text"] for r in records] == ["caption of big.png", "caption of wide.png"]
     assert [Image.open(r["image"]).size for r in records] == [(2300, 2049), (2050, 4100)]
     assert records[0]["image"].read_bytes() == rows[0][1]  # the original bytes
+    samples = fid_metrics.read_eval_set(out / "metadata.jsonl")  # what generate_and_eval_fid.py reads
+    assert [s["prompt"] for s in samples] == ["caption of big.png", "caption of wide.png"]
     assert run(["make_eval_set", str(root), "--size", "4096", "--out", str(tmp_path / "e4"),
                 "--workers", "1"])["n_selected"] == 0
 
