@@ -322,3 +322,18 @@ def test_flat_share_counts_patches_whose_luma_std_is_below_the_threshold():
     assert prepare_data.flat_share(y, 2.0) == pytest.approx(4 / 6)  # plus the two untouched patches
     assert prepare_data.flat_share(y, 2.5) == pytest.approx(5 / 6)
     assert prepare_data.parse_args(["verify", "x"]).flat_std == 2.0
+
+
+def test_a_damaged_row_group_is_reported_row_by_row_and_the_rest_is_scored(tmp_path):
+    root = tmp_path / "hub"
+    root.mkdir()
+    p = pictures()
+    shard = root / "train.parquet"
+    write_shard(shard, [("a", p["noise.png"], "a"), ("b", p["flat.png"], "b"), ("c", p["ramp.png"], "c")])
+    column = pq.ParquetFile(shard).metadata.row_group(1).column(0)  # the image column of the second row group
+    data = bytearray(shard.read_bytes())
+    data[column.data_page_offset:column.data_page_offset + 40] = b"\xff" * 40  # its page header destroyed
+    shard.write_bytes(bytes(data))
+    report = run(["verify", str(root), "--workers", "1", "--out_json", str(tmp_path / "v.json")])
+    assert report["n_images"] == 3 and report["n_readable"] == 2
+    assert report["corrupt"][0].startswith("train.parquet#2: row group 1 unreadable")
