@@ -1,4 +1,5 @@
-"""GLCM Score and Compression Ratio (PROTOCOL.md §6): the authors' eval.py, exact, vectorised in torch.
+"""GLCM Score and Compression Ratio (PROTOCOL.md §6): the authors' eval.py, exact, vectorised in torch (the
+entropy on the CPU: a numba kernel).
 
 GLCM Score: grey = OpenCV's BGR2GRAY, 64 levels, non-overlapping 64×64 patches, per patch the normed
 GLCM of skimage (distances 1–4, angles 0, π/4, π/2, 3π/4) scored by `shannon_entropy` (entropy of the
@@ -14,6 +15,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from functools import lru_cache, partial
 
+import numba
 import numpy as np
 import torch
 from PIL import Image, ImageOps
@@ -65,6 +67,8 @@ def grey64(rgb, device="cpu"):
     OpenCV (4.10, the authors' pin, to 5.0) computes Y = (9798·R + 19235·G + 3735·B + 2^14) >> 15 for
     uint8, checked on all 2^24 colours; the 14-bit form often quoted (4899, 9617, 1868) differs on 43,864.
     """
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(_grey64_kernel(np.ascontiguousarray(rgb)))
     t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(device).to(torch.int32)  # W: torch wants writable
     y = 9798 * t[..., 0] + 19235 * t[..., 1] + 3735 * t[..., 2] + (1 << 14)
     return (y >> 17).to(torch.uint8)  # (y >> 15) // 4
@@ -229,6 +233,118 @@ def prop_values(counts, lo, r, prop, patch_size=64, loop=None):
     raise ValueError(f"unknown GLCM property {prop!r}; choose one of {', '.join(GLCM_PROPS)}")
 
 
+#################################################################################
+#                 GLCM entropy on the CPU: a compiled kernel                    #
+#################################################################################
+
+COPIES = 4  # counters per GLCM cell: neighbouring pairs of a smooth region then do not wait on one counter
+
+
+@lru_cache(maxsize=8)
+def _entropy_tables(patch_size):
+    """The kernel's constants: per distinct (row, col) step its pair-total class and multiplicity (skimage's
+    45° and 135° distances 1 and 2 are one step); per (class, count) the id of the float64 value count/total,
+    equal floats sharing one id (64/4032 == 63/3969), id 0 being 0.0; and the number of ids."""
+    offsets = glcm_offsets(patch_size)
+    totals = sorted({max(n, 1) for _, _, n in offsets})
+    values = np.concatenate([np.arange(t + 1) / np.float64(t) for t in totals])  # graycomatrix's IEEE division
+    _, ids = np.unique(values, return_inverse=True)
+    table = np.full((len(totals), max(totals) + 1), -1, np.int64)
+    for k, t in enumerate(totals):
+        table[k, :t + 1] = ids[sum(u + 1 for u in totals[:k]):][:t + 1]
+    steps = {}
+    for dr, dc, n in offsets:
+        if n:  # an offset without pairs holds only zeros, which the kernel counts from the total
+            steps.setdefault((dr, dc), [dr, dc, totals.index(n), 0])[3] += 1
+    return np.array(list(steps.values()), np.int64).reshape(-1, 4), table, int(ids.max()) + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _entropy_kernel(grey, patch_size, steps, table, n_ids):
+    """shannon_entropy of each full patch's normed GLCM, row-major: per patch, counts of the levels from its lowest
+    (R levels), the non-zero cells compacted without branches, then the histogram of their values; the cells
+    left (N_CELLS minus the non-zero ones) are 0.0. Indices are unsigned: numba then skips its negative-index
+    checks, which cost more than the counting."""
+    u = np.uint64
+    n_steps, rows, cols = steps.shape[0], grey.shape[0] // patch_size, grey.shape[1] // patch_size
+    block = GLCM_LEVELS * GLCM_LEVELS * COPIES
+    counts = np.zeros(n_steps * block, np.uint16)  # at most 4096 / COPIES pairs per counter
+    q = np.empty(patch_size * patch_size, np.uint64)
+    q_row = np.empty(patch_size * patch_size, np.uint64)
+    nonzero, nonzero_step = np.empty(n_steps * block, np.int64), np.empty(n_steps * block, np.int64)
+    hist, used = np.zeros(n_ids, np.int64), np.empty(n_steps * block + 1, np.int64)
+    scores = np.zeros(rows * cols)
+    for patch in range(rows * cols):
+        y0, x0 = (patch // cols) * patch_size, (patch % cols) * patch_size
+        lo, hi = u(255), u(0)
+        for y in range(patch_size):
+            for x in range(patch_size):
+                level = u(grey[u(y0 + y), u(x0 + x)])
+                q[u(y * patch_size + x)] = level
+                lo, hi = min(lo, level), max(hi, level)
+        r = hi - lo + u(1)
+        for i in range(patch_size * patch_size):
+            q[u(i)] -= lo
+            q_row[u(i)] = q[u(i)] * r * u(COPIES)
+        # Count: pair (i, j) of step s goes to counter s·block + (i·R + j)·COPIES + x % COPIES.
+        for s in range(n_steps):
+            dr, dc, base = steps[s, 0], steps[s, 1], u(s * block)
+            x_start, x_stop = u(max(0, -dc)), u(min(patch_size, patch_size - dc))
+            for y in range(max(0, -dr), min(patch_size, patch_size - dr)):
+                a, b = u(y * patch_size), u((y + dr) * patch_size + dc)
+                x = x_start
+                while x + u(COPIES - 1) < x_stop:
+                    for k in range(COPIES):
+                        counts[base + q_row[a + x + u(k)] + q[b + x + u(k)] * u(COPIES) + u(k)] += 1
+                    x += u(COPIES)
+                while x < x_stop:
+                    counts[base + q_row[a + x] + q[b + x] * u(COPIES)] += 1
+                    x += u(1)
+        # Compact the non-zero cells (no branch: a cell is written, and kept only if non-zero), reset the counters.
+        n_nonzero = 0
+        for s in range(n_steps):
+            base = u(s * block)
+            for cell in range(r * r):
+                c = base + u(cell) * u(COPIES)
+                n = np.int64(counts[c]) + counts[c + u(1)] + counts[c + u(2)] + counts[c + u(3)]
+                nonzero[n_nonzero], nonzero_step[n_nonzero] = n, s
+                n_nonzero += n != 0
+            counts[base:base + r * r * u(COPIES)] = 0
+        # Histogram of the values count/total, then scipy's entropy of it in bits.
+        zeros, n_used = N_CELLS, 0
+        for t in range(n_nonzero):
+            s = nonzero_step[t]
+            v = table[steps[s, 2], nonzero[t]]
+            if hist[v] == 0:
+                used[n_used] = v
+                n_used += 1
+            hist[v] += steps[s, 3]
+            zeros -= steps[s, 3]
+        entropy = 0.0 if zeros == 0 else -(zeros / N_CELLS) * np.log(zeros / N_CELLS)
+        for t in range(n_used):
+            p = hist[used[t]] / N_CELLS
+            entropy -= p * np.log(p)
+            hist[used[t]] = 0
+        scores[patch] = entropy / np.log(2.0)
+    return scores
+
+
+@numba.njit(cache=True, nogil=True)
+def _grey64_kernel(rgb):
+    """grey64 of a uint8 H×W×3 array on the CPU, compiled (torch's int32 tensors cost more than the GLCM)."""
+    flat, out = rgb.reshape(-1), np.empty(rgb.shape[0] * rgb.shape[1], np.uint8)
+    for i in range(out.shape[0]):
+        j = np.uint64(3 * i)
+        y = 9798 * np.uint32(flat[j]) + 19235 * np.uint32(flat[j + 1]) + 3735 * np.uint32(flat[j + 2]) + (1 << 14)
+        out[np.uint64(i)] = y >> 17
+    return out.reshape(rgb.shape[:2])
+
+
+def entropy_patch_scores_cpu(grey, patch_size=64):
+    """glcm_patch_scores(grey, "entropy") by the compiled kernel: uint8 (H, W) numpy array -> float64 scores."""
+    return _entropy_kernel(np.ascontiguousarray(grey, dtype=np.uint8), patch_size, *_entropy_tables(patch_size))
+
+
 @contextmanager
 def _torch_threads(n):
     """Temporarily set torch's CPU thread count."""
@@ -244,6 +360,8 @@ def glcm_patch_scores(grey, prop="entropy", patch_size=64, chunk=None):
     """64-level grey (H, W) tensor -> float64 numpy score of each full patch, row-major from the top-left."""
     if prop not in GLCM_PROPS:
         raise ValueError(f"unknown GLCM property {prop!r}; choose one of {', '.join(GLCM_PROPS)}")
+    if prop == "entropy" and grey.device.type == "cpu":
+        return entropy_patch_scores_cpu(grey.numpy(), patch_size)
     h, w = grey.shape[0] // patch_size, grey.shape[1] // patch_size
     scores = np.zeros(h * w)
     # Batches are small: on the CPU, intra-op threads only add synchronisation (3× slower on a busy box).

@@ -10,6 +10,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset, Sampler
 
 from errors import UsageError
+from parquet_shards import IMAGE_COLUMN, open_row_image
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -26,13 +27,15 @@ def is_text(value):
     return True
 
 
-def read_metadata(path, require_text=True):
+def read_metadata(path, require_text=True, rows=False):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
 
     A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, holds a value that is not
     valid UTF-8 text, or names an image that does not exist (`file_name` is relative to the jsonl's folder).
-    require_text False: `text` may be empty or absent (VAE data such as SA-1B's). Images are not decoded here.
+    require_text False: `text` may be empty or absent (VAE data such as SA-1B's). rows True: a line may instead
+    point at a row of a Parquet shard (`parquet_file`, relative to the jsonl's folder, and `row`, as prepare_data.py
+    filter writes): its record has "parquet_file" and "row". Images are not decoded here.
     """
     path = Path(path)
     if path.is_dir():
@@ -50,6 +53,11 @@ def read_metadata(path, require_text=True):
             except json.JSONDecodeError as error:
                 bad_lines.append(f"line {number}: invalid JSON ({error.msg})")
                 continue
+            if rows and isinstance(entry, dict) and "parquet_file" in entry and "file_name" not in entry:
+                entry = parquet_row_entry(entry, path.parent, number, bad_lines, missing)
+                if entry:
+                    records.append(entry)
+                continue
             for key in ("file_name", "text") if require_text else ("file_name",):
                 if not isinstance(entry, dict) or not isinstance(entry.get(key), str) or not entry[key].strip():
                     bad_lines.append(f"line {number}: no '{key}'")
@@ -64,6 +72,23 @@ def read_metadata(path, require_text=True):
                     text = entry.get("text") if isinstance(entry.get("text"), str) else ""
                     records.append({"file_name": entry["file_name"], "text": text, "image": image})
     return records, {"metadata_lines": bad_lines, "missing_images": missing}
+
+
+def parquet_row_entry(entry, folder, number, bad_lines, missing):
+    """The record of a metadata line pointing at a Parquet row, or None with the reason appended to a list."""
+    shard, row, text = entry.get("parquet_file"), entry.get("row"), entry.get("text")
+    if not isinstance(shard, str) or not isinstance(row, int) or row < 0:
+        bad_lines.append(f"line {number}: 'parquet_file' needs a path and 'row' a row number")
+    elif not isinstance(text, str) or not text.strip():
+        bad_lines.append(f"line {number}: no 'text'")
+    elif not is_text(text) or not is_text(shard):
+        bad_lines.append(f"line {number}: {shard!a}: not valid UTF-8 text")
+    elif not (folder / shard).is_file():
+        missing.append(f"line {number}: {shard} does not exist")
+    else:
+        return {"file_name": f"{shard}#{row}", "text": text, "parquet_file": folder / shard, "row": row,
+                "image_column": entry.get("image_column", IMAGE_COLUMN)}
+    return None
 
 
 def list_images(data_dir, label, suffixes=None):
@@ -92,17 +117,26 @@ def load_image(path):
         return ImageOps.exif_transpose(image).convert("RGB")
 
 
+def load_record_image(record, data_dir):
+    """load_image of a record's file (`file_name` relative to data_dir), or of its Parquet row's bytes."""
+    if "parquet_file" in record:
+        return load_image(open_row_image(record["parquet_file"], record["row"], record["image_column"]))
+    return load_image(Path(data_dir) / record["file_name"])
+
+
 def crop_pixels(image, resolution, rng=None, flip=False):
-    """Shorter side to `resolution` (bilinear, up-scaling a smaller image), then a random crop drawn from `rng` (the
-    centre crop when rng is None), optionally mirrored: a (3, resolution, resolution) float tensor in [-1, 1]."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+    """Scaled to cover resolution × resolution, or (width, height) (bilinear, up-scaling a smaller image; for a square,
+    the shorter side to the resolution), then a random crop drawn from `rng` (the centre crop when rng is None),
+    optionally mirrored: a (3, height, width) float tensor in [-1, 1]."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BILINEAR)
     if rng is None:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
     else:
-        left, top = int(rng.integers(size[0] - resolution + 1)), int(rng.integers(size[1] - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left, top = int(rng.integers(size[0] - width + 1)), int(rng.integers(size[1] - height + 1))
+    image = image.crop((left, top, left + width, top + height))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
@@ -168,4 +202,68 @@ class StreamSampler(Sampler):
         while True:
             for position in range(batch * self.batch_size, (batch + 1) * self.batch_size):
                 yield self.key(position)
+            batch += self.world_size
+
+
+#################################################################################
+#                              Aspect-ratio buckets                             #
+#################################################################################
+
+def bucket_sizes(resolution):
+    """[(width, height)] of the aspect-ratio buckets at about resolution² pixels: Sana's 4096² table (PixArt's 40
+    ratios from 1:4 to 4:1) scaled to the resolution, sides rounded to multiples of 32 (F=16 VAE, 2×2 patches)."""
+    from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
+
+    sizes = []
+    for height, width in ASPECT_RATIO_4096_BIN.values():
+        size = tuple(max(32, round(side * resolution / 4096 / 32) * 32) for side in (width, height))
+        if size not in sizes:
+            sizes.append(size)
+    return sizes
+
+
+def nearest_bucket(width, height, buckets):
+    """The bucket whose aspect ratio is nearest to width / height (in log ratio: 2:1 and 1:2 are as far from 1:1)."""
+    return min(buckets, key=lambda b: abs(np.log(b[0] / b[1]) - np.log(width / height)))
+
+
+def image_size(record, data_dir):
+    """(width, height) of a record's image as displayed (EXIF orientation applied), from its header only."""
+    source = (open_row_image(record["parquet_file"], record["row"], record["image_column"]) if "parquet_file" in record
+              else Path(data_dir) / record["file_name"])
+    with Image.open(source) as image:
+        turned = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # these orientations swap width and height
+        return (image.height, image.width) if turned else image.size
+
+
+class BucketSampler(StreamSampler):
+    """StreamSampler whose global batches (one batch on each process) each come from one bucket: per epoch, each
+    bucket's indices in a seeded order, cut into global batches (the last one filled from the bucket's start), the
+    batches of all buckets then in a seeded order. Keys depend only on (seed, position): resume stays exact."""
+
+    def __init__(self, buckets, batch_size, seed, rank=0, world_size=1, start_batch=0):
+        super().__init__(len(buckets), batch_size, seed, rank, world_size, start_batch)
+        self.members = {}
+        for index, bucket in enumerate(buckets):
+            self.members.setdefault(bucket, []).append(index)
+
+    def epoch_batches(self, epoch):
+        """The epoch's global batches: lists of batch_size × world_size indices of one bucket."""
+        rng, group, batches = np.random.default_rng([self.seed, epoch]), self.batch_size * self.world_size, []
+        for bucket in sorted(self.members):
+            members = rng.permutation(self.members[bucket])
+            padded = np.resize(members, -(-len(members) // group) * group)  # repeats from the start to fill
+            batches += [padded[k:k + group].tolist() for k in range(0, len(padded), group)]
+        return [batches[k] for k in rng.permutation(len(batches))]
+
+    def __iter__(self):
+        group = self.batch_size * self.world_size
+        per_epoch = sum(-(-len(m) // group) for m in self.members.values())  # the same every epoch
+        batch, epoch, layout = self.start_batch + self.rank, None, None
+        while True:
+            (new_epoch, number), slot = divmod(batch // self.world_size, per_epoch), batch % self.world_size
+            if new_epoch != epoch:
+                epoch, layout = new_epoch, self.epoch_batches(new_epoch)
+            for index in layout[number][slot * self.batch_size:(slot + 1) * self.batch_size]:
+                yield epoch, index
             batch += self.world_size

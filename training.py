@@ -34,8 +34,10 @@ from tqdm.auto import tqdm
 
 import lora
 import outputs
+import parquet_shards
 from errors import UsageError, check_at_least
-from imagefolder import IMAGE_ERRORS, KeyedImages, StreamSampler, crop_pixels, load_image, read_metadata
+from imagefolder import (IMAGE_ERRORS, BucketSampler, KeyedImages, StreamSampler, bucket_sizes, crop_pixels, image_size,
+                         load_record_image, nearest_bucket, read_metadata)
 from models import MODELS, max_image_side
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
@@ -72,6 +74,11 @@ class TrainDataset(KeyedImages):
     def name(self, record):
         return record["file_name"]
 
+    def __getitem__(self, key):
+        # An aspect-ratio bucket's batch is one size: a replacement for an unreadable image takes the size it replaces.
+        self.size = self.items[key[1]].get("size", self.resolution)
+        return super().__getitem__(key)
+
     def read(self, record, flip, rng):
         sample = self.read_latents(record, flip) if self.latent_files else self.read_pixels(record, flip, rng)
         sample.update(load_file(self.embedding_files[record["text"]]))
@@ -79,9 +86,9 @@ class TrainDataset(KeyedImages):
 
     def read_pixels(self, record, flip, rng):
         """The pre-processed image of `record`."""
-        image = load_image(self.data_dir / record["file_name"])
-        upscaled = [record["file_name"]] if min(image.size) < self.resolution else []
-        pixels = crop_pixels(image, self.resolution, None if self.center_crop else rng, flip)
+        image = load_record_image(record, self.data_dir)
+        upscaled = [record["file_name"]] if is_upscaled(image, self.size) else []
+        pixels = crop_pixels(image, self.size, None if self.center_crop else rng, flip)
         return {"pixels": pixels, "upscaled": upscaled}
 
     def read_latents(self, record, flip):
@@ -90,6 +97,12 @@ class TrainDataset(KeyedImages):
             params = cached.get_tensor("latent_dist_flipped" if flip else "latent_dist")
             upscaled = [record["file_name"]] if cached.metadata().get("upscaled") == "1" else []
         return {"latent_dist": params, "upscaled": upscaled}
+
+
+def is_upscaled(image, size):
+    """Whether covering `size` (a square side, or (width, height)) scales the image up."""
+    width, height = (size, size) if isinstance(size, int) else size
+    return image.width < width or image.height < height
 
 
 def collate(samples):
@@ -140,9 +153,11 @@ def latent_files(records, data_dir, cache_dir, identity, resolution, dtype):
     """{file_name: cache file}; the key covers the image file (path, size, mtime), the VAE, resolution and dtype."""
     files = {}
     for record in records:
-        path = (Path(data_dir) / record["file_name"]).resolve()
+        path = Path(record.get("parquet_file") or Path(data_dir) / record["file_name"]).resolve()
         stat = path.stat()
-        key = cache_key(path, stat.st_size, stat.st_mtime_ns, identity, resolution, dtype)
+        row = [record["row"]] if "parquet_file" in record else []  # a Parquet row: the shard and the row
+        size = record.get("size", resolution)  # an aspect-ratio bucket's (width, height), else the square's side
+        key = cache_key(path, *row, stat.st_size, stat.st_mtime_ns, identity, size, dtype)
         files[record["file_name"]] = Path(cache_dir) / "latents" / f"{key}.safetensors"
     return files
 
@@ -195,15 +210,16 @@ def cache_latents(vae, records, data_dir, files, resolution):
         if path.is_file():
             continue
         try:
-            image = load_image(Path(data_dir) / record["file_name"])
+            image = load_record_image(record, data_dir)
         except IMAGE_ERRORS as error:
             unreadable.append(f"{record['file_name']}: {error}")
             continue
-        pixels = crop_pixels(image, resolution)
+        size = record.get("size", resolution)
+        pixels = crop_pixels(image, size)
         pixels = torch.stack([pixels, pixels.flip(-1)]).to(vae.device, vae.dtype)
         with torch.no_grad():
             params = vae.encode(pixels).latent_dist.parameters
-        upscaled = "1" if min(image.size) < resolution else "0"
+        upscaled = "1" if is_upscaled(image, size) else "0"
         save_atomically({"latent_dist": params[0], "latent_dist_flipped": params[1]}, path, {"upscaled": upscaled})
     return unreadable
 
@@ -704,19 +720,46 @@ class DataProblems:
                 "problems": {kind: items[:MAX_LISTED] for kind, items in lists.items()}}
 
 
-def read_training_data(data_dir):
-    """The usable records of the imagefolder `data_dir` (--instance_data_dir) and the DataProblems of the others."""
-    try:
-        records, found = read_metadata(data_dir)
-    except FileNotFoundError as error:
-        raise UsageError(f"--instance_data_dir: {error}") from None
+def read_training_data(data_dir, image_column=parquet_shards.IMAGE_COLUMN, caption_column=parquet_shards.CAPTION_COLUMN):
+    """The usable records of `data_dir` (--instance_data_dir: an imagefolder, or a folder of Parquet shards read in
+    place) and the DataProblems of the others."""
+    if parquet_shards.is_parquet_folder(data_dir):
+        rows, shard_problems = parquet_shards.list_rows(data_dir, image_column, caption_column)
+        records = [r for r in rows if r["text"] is not None]
+        found = {"metadata_lines": shard_problems + [f"{r['file_name']}: {r['caption_problem']}" for r in rows
+                                                     if r["text"] is None], "missing_images": []}
+    else:
+        try:
+            records, found = read_metadata(data_dir, rows=True)
+        except FileNotFoundError as error:
+            raise UsageError(f"--instance_data_dir: {error}") from None
     warn_problems("metadata lines", found["metadata_lines"])
     warn_problems("missing images", found["missing_images"])
     if not records:
         bad, missing = found["metadata_lines"], found["missing_images"]
-        raise UsageError(f"No usable image in {data_dir}/metadata.jsonl: {len(bad)} bad lines, {len(missing)} missing "
+        raise UsageError(f"No usable image in {data_dir}: {len(bad)} bad lines, {len(missing)} missing "
                          f"images ({'; '.join((bad + missing)[:3])}).")
     return records, DataProblems(found)
+
+
+def assign_buckets(records, data_dir, sizes, problems):
+    """Give each record the size of its nearest aspect-ratio bucket (from its image header); drop the unreadable ones
+    (counted as corrupt). Returns the records kept and {"WxH": images} of every bucket used."""
+    kept = []
+    for record in tqdm(records, desc="Buckets", unit="img", disable=len(records) < 1000):
+        try:
+            record["size"] = nearest_bucket(*image_size(record, data_dir), sizes)
+        except IMAGE_ERRORS as error:
+            problems.corrupt_images.add(f"{record['file_name']}: {' '.join(str(error).split())[:120]}")
+            continue
+        kept.append(record)
+    warn_problems("unreadable images", sorted(problems.corrupt_images))
+    if not kept:
+        raise UsageError(f"None of the images in {data_dir} can be read.")
+    counts = {}
+    for record in kept:
+        counts[f"{record['size'][0]}x{record['size'][1]}"] = counts.get(f"{record['size'][0]}x{record['size'][1]}", 0) + 1
+    return kept, dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def embed_captions(accelerator, spec, model_dir, captions, cache_dir, max_sequence_length, dtype):
@@ -784,7 +827,7 @@ def write_summary(accelerator, args, status, step, problems, run):
         "max_train_steps": args.max_train_steps,
         "final_loss": losses[-1] if losses else None, "losses": losses,
         **problems.summary(gathered),
-        **run["caches"], "seconds": round(elapsed, 3),
+        **run["caches"], "buckets": run["buckets"], "seconds": round(elapsed, 3),
         "images_per_second": round(trained * run["images_per_step"] / elapsed, 4) if elapsed > 0 and trained else None,
         "settings": run_settings(args),
     }
@@ -823,7 +866,12 @@ def fine_tune(args, spec, lora_config):
     device = accelerator.device
 
     # Setup data (every metadata line is checked now; images are decoded lazily), with the text-embedding cache:
-    records, problems = read_training_data(args.instance_data_dir)
+    records, problems = read_training_data(args.instance_data_dir, args.image_column, args.caption_column)
+    buckets = None
+    if args.aspect_ratio_buckets:  # each image to its nearest bucket, resized to cover it and centre-cropped
+        max_side = max_image_side(spec.transformer_class.load_config(model_dir, subfolder="transformer"))
+        sizes = [size for size in bucket_sizes(args.resolution) if not max_side or max(size) <= max_side]
+        records, buckets = assign_buckets(records, args.instance_data_dir, sizes, problems)
     cache_dir = Path(args.data_cache_dir or output_dir / "cache")
     validation_prompts = [args.validation_prompt, ""] if args.validation_prompt else []
     captions = list(dict.fromkeys([r["text"] for r in records] + validation_prompts))
@@ -841,7 +889,8 @@ def fine_tune(args, spec, lora_config):
             vae.to("cpu")  # off the accelerator: only its config (latent scale and shift) is still needed
     scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model_dir, subfolder="scheduler")
     dataset = TrainDataset(records, args.instance_data_dir, files, args.resolution,
-                           args.center_crop or args.cache_latents, args.random_flip, args.seed, latents)
+                           args.center_crop or args.cache_latents or args.aspect_ratio_buckets, args.random_flip,
+                           args.seed, latents)
 
     # Create the model, optimiser and learning-rate schedule:
     # DeepSpeed keeps fp32 master weights in its (offloaded) optimizer and runs the module in its precision: load it
@@ -872,8 +921,12 @@ def fine_tune(args, spec, lora_config):
     # Resume (model, optimiser, schedule; the data stream and the noise follow from the step):
     start_step = resume(accelerator, output_dir, args.resume_from_checkpoint, problems)
     world_batches = args.gradient_accumulation_steps * accelerator.num_processes
-    sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
-                            accelerator.num_processes, start_batch=start_step * world_batches)
+    if buckets:  # each global batch from one bucket
+        sampler = BucketSampler([r["size"] for r in records], args.train_batch_size, args.seed,
+                                accelerator.process_index, accelerator.num_processes, start_batch=start_step * world_batches)
+    else:
+        sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
+                                accelerator.num_processes, start_batch=start_step * world_batches)
     dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
                             num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda")
     validate = partial(log_validation, accelerator, spec, model_dir, vae, [files[p] for p in validation_prompts],
@@ -884,7 +937,7 @@ def fine_tune(args, spec, lora_config):
     run = {"resumed_from_step": start_step, "images_per_step": args.train_batch_size * world_batches,
            "caches": {"text_encoders_loaded": embedded > 0, "captions_embedded": embedded, "captions": len(captions),
                       "train_images": len(records), "latents_cached": bool(args.cache_latents),
-                      "engine": describe_engine(accelerator, optimizer)}}
+                      "engine": describe_engine(accelerator, optimizer)}, "buckets": buckets}
     logger.info(f"{len(records)} images, {run['images_per_step']} images per step ({args.train_batch_size} per "
                 f"device x {accelerator.num_processes} processes x {args.gradient_accumulation_steps} accumulation), "
                 f"steps {start_step} -> {args.max_train_steps}, loss {args.loss}")
@@ -966,7 +1019,10 @@ def build_parser(description, spec):
     """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md §4), per model from `spec`."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder")
-    p.add_argument("--instance_data_dir", required=True, help="imagefolder with metadata.jsonl (file_name, text)")
+    p.add_argument("--instance_data_dir", required=True,
+                   help="imagefolder with metadata.jsonl (file_name, text), or a folder of Parquet shards (the Hub's)")
+    p.add_argument("--image_column", default=parquet_shards.IMAGE_COLUMN, help="Parquet shards: the image column")
+    p.add_argument("--caption_column", default=parquet_shards.CAPTION_COLUMN, help="Parquet shards: the caption")
     p.add_argument("--output_dir", default="outputs/wlf", help="checkpoints, logs, at the end the fine-tuned pipeline")
     p.add_argument("--data_cache_dir", default=None, help="text-embedding / latent cache (default: OUTPUT_DIR/cache)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, crops, noise and timesteps")
@@ -974,6 +1030,9 @@ def build_parser(description, spec):
     p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
     p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip (the authors' code always flips)")
+    p.add_argument("--aspect_ratio_buckets", action="store_true",
+                   help="train each image at its nearest aspect-ratio bucket of about resolution² pixels (Sana's "
+                        "table, 1:4 to 4:1), resized to cover and centre-cropped; off: square crops, as the authors")
     p.add_argument("--cache_latents", action="store_true",
                    help="encode each image once (centre crop and its mirror) and cache the latent distributions")
     p.add_argument("--dataloader_num_workers", type=int, default=0)

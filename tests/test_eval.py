@@ -336,3 +336,28 @@ def test_cli_empty_folder_exits_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:  # what `python eval.py` does: one line on stderr, status 2
         exit_on_usage_error("eval.py", eval_cli.main, args)
     assert exit_info.value.code == 2 and "eval.py: error: no files" in capsys.readouterr().err
+
+
+def test_compiled_entropy_equals_reference_on_many_images():
+    """The CPU kernel (counts per step, values merged as equal floats) against the authors' loop: noise, few
+    levels, ramps, random walks and photos, several patch sizes, sizes with remainders, read-only inputs."""
+    rng = np.random.default_rng(7)
+    images = [photo("chelsea", (200, 260))]
+    for k in range(24):
+        h, w = (int(v) for v in rng.integers(64, 260, 2))
+        kind = k % 4
+        if kind == 0:
+            rgb = rng.integers(0, 256, (h, w, 3))
+        elif kind == 1:
+            rgb = rng.integers(0, 3, (h, w, 3)) * int(rng.integers(1, 120))
+        elif kind == 2:
+            rgb = np.cumsum(rng.integers(-3, 4, (h, w, 3)), axis=1) % 256
+        else:
+            rgb = (np.arange(w)[None, :, None] * rng.uniform(0.05, 4) + np.arange(h)[:, None, None]) % 256
+        images.append(np.broadcast_to(rgb, (h, w, 3)).astype(np.uint8))
+    images[-1].flags.writeable = False
+    for rgb in images:
+        for patch_size in (64, 7, 100):
+            expected = reference_patch_scores(rgb, "entropy", patch_size)
+            ours = dm.glcm_patch_scores(dm.grey64(rgb), "entropy", patch_size)
+            np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12)
