@@ -118,7 +118,7 @@ def folder_summary(run, metrics, n_resamples, seed):
             value, ci = sum(raw) / sum(comp), ratio_ci(raw, comp, n_resamples, seed)
         else:
             real, gen = (run["features"][k] for k in FID_METRICS[metric])
-            groups = patch_groups(run["features"], gen) if metric == "patch_fid" else None
+            groups = patch_groups(run["features"], FID_METRICS[metric][1]) if metric == "patch_fid" else None
             value, ci = fid_ci(real, gen, n_resamples, seed, real_groups=groups, gen_groups=groups)
         out[metric] = {"value": None if math.isnan(value) else float(value), "ci95": json_interval(ci)}
     return out
