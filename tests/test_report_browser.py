@@ -11,6 +11,7 @@ from PIL import Image, ImageFilter
 from skimage import data
 
 import compare
+from detail_metrics import glcm_patch_scores, grey64
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -127,3 +128,16 @@ def test_crops_are_the_same_region_of_every_folder_at_one_to_one(report):
         if k == 0:
             box = hits
         assert hits and hits[0] == box[0]  # pixel for pixel, at the same place as in the first folder
+
+
+def test_the_default_crops_hold_the_highest_and_lowest_glcm_patches_of_the_first_folder(report):
+    out, folders, _ = report
+    full = np.asarray(Image.open(folders[0] / "00000.png").convert("RGB"))
+    scores = glcm_patch_scores(grey64(full))  # the first folder's 64² patches, row-major
+    per_row = full.shape[1] // 64
+    for which, k in (("high", int(np.argmax(scores))), ("low", int(np.argmin(scores)))):
+        x, y = (k % per_row) * 64, (k // per_row) * 64
+        crop = np.asarray(Image.open(out / "crops" / "0" / f"00000_{which}.png"))
+        patch = full[y:y + 64, x:x + 64]
+        assert any(np.array_equal(crop[t:t + 64, l:l + 64], patch)
+                   for t in range(crop.shape[0] - 63) for l in range(crop.shape[1] - 63))
