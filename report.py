@@ -138,6 +138,7 @@ def prompt_section(out, runs, name, files, sizes):
             f"<div class='crops'><img src='{quote(item['crops'][0])}' alt='highest-GLCM patch' title='highest-GLCM "
             f"64² patch of the first folder, 1:1'><img src='{quote(item['crops'][1])}' alt='lowest-GLCM patch' "
             f"title='lowest-GLCM 64² patch of the first folder, 1:1'></div>"
+            f"<div class='m'>crops: highest, lowest GLCM · zoom (click a thumbnail):</div>"
             f"<div class='zoom'><img alt=''></div></div>")
     return "".join(parts) + "</div></div>"
 
