@@ -82,6 +82,8 @@ def load_run(index, folder, label, out_dir, workers):
         raise UsageError(f"--folders {folder!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     cache = Path(out_dir) / "measured" / f"{index}.csv"  # GLCM and CR measured here, when the folder has none
     rows, source = per_image_metrics(folder, list(images), workers, cache)
+    if source.endswith("per_image.csv"):  # generate_and_eval_fid.py's own images (not its --protocol authors JPEGs)
+        images = {name: path for name, path in images.items() if name in rows}
     return {"label": label, "folder": str(folder), "images": images, "rows": rows, "source": source,
             "features": load_features(Path(folder) / FEATURES_FILE)}
 

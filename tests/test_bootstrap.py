@@ -118,6 +118,46 @@ def test_fid_interval_is_centred_on_the_point_and_reflects_the_spread_of_the_rep
     assert again == (point, [low, high]) and other[1] != [low, high]  # seeded
 
 
+def test_fid_interval_equals_the_bootstrap_written_out_with_scipy():
+    """Both sets drawn with replacement from the one seeded generator (real first), scipy's FID of the drawn rows,
+    then the replicates' 95 % spread placed around the point estimate."""
+    real, gen = features(40, 6, 10), features(30, 6, 11, scale=1.2)
+    rng = np.random.default_rng(4)
+    replicates = [direct_fid(real[rng.integers(0, 40, size=(1, 40))[0]], gen[rng.integers(0, 30, size=(1, 30))[0]])
+                  for _ in range(40)]
+    point = direct_fid(real, gen)
+    low, mid, high = np.percentile(replicates, [2.5, 50, 97.5])
+    got_point, got = bootstrap.fid_ci(real, gen, n_resamples=40, seed=4)
+    assert got_point == pytest.approx(point, rel=1e-6)
+    assert got == pytest.approx([point + low - mid, point + high - mid], rel=1e-6)
+
+
+def test_fid_difference_equals_the_bootstrap_written_out_with_one_shared_reference_resample():
+    real, gen_a, gen_b = features(30, 5, 14), features(30, 5, 15), features(30, 5, 16, scale=1.3)
+    rng = np.random.default_rng(6)
+    replicates = []
+    for _ in range(30):  # the reference drawn once for both runs, then each generated set on its own
+        r, a, b = (rng.integers(0, 30, size=(1, 30))[0] for _ in range(3))
+        replicates.append(direct_fid(real[r], gen_b[b]) - direct_fid(real[r], gen_a[a]))
+    point = direct_fid(real, gen_b) - direct_fid(real, gen_a)
+    low, mid, high = np.percentile(replicates, [2.5, 50, 97.5])
+    got_point, got = bootstrap.fid_difference(real, gen_a, real.copy(), gen_b, n_resamples=30, seed=6)
+    assert got_point == pytest.approx(point, rel=1e-6)
+    assert got == pytest.approx([point + low - mid, point + high - mid], rel=1e-6)
+
+
+def test_raw_fid_replicates_sit_above_the_estimate_and_the_centred_interval_does_not():
+    rng = np.random.default_rng(12)  # few images for as many independent features: a large finite-sample bias
+    real, gen = rng.normal(size=(60, 48)), rng.normal(size=(60, 48)) * 1.05
+    fid = bootstrap.FidBootstrap(real, gen)
+    rng = np.random.default_rng(0)
+    replicates = [fid.fid(bootstrap.resample_counts(60, 1, rng)[0], bootstrap.resample_counts(60, 1, rng)[0])
+                  for _ in range(200)]
+    assert bootstrap.percentile_interval(replicates)[0] > fid.fid()  # the raw percentile interval misses it
+    low, high = bootstrap.fid_ci(real, gen, n_resamples=200)[1]
+    assert low < fid.fid() < high
+
+
 def test_grouped_resampling_moves_every_patch_of_an_image_together():
     groups = np.repeat(np.arange(30), 4)  # 4 patches per image
     w = bootstrap.group_counts(groups, np.random.default_rng(0))

@@ -10,6 +10,7 @@ from PIL import Image, ImageFilter
 from skimage import data
 
 import compare
+from bootstrap import fid_ci
 from detail_metrics import compression_ratio, glcm_score
 from errors import UsageError
 from patch_fid import save_features
@@ -153,6 +154,10 @@ def test_fid_and_patch_fid_come_from_the_saved_features(folders, tmp_path):
         assert comparison["folders"][name]["fid"]["value"] == pytest.approx(direct_fid(real, gen), rel=1e-6)
         assert comparison["folders"][name]["patch_fid"]["value"] == pytest.approx(direct_fid(patch_real, patch_gen),
                                                                                   rel=1e-6)
+    groups = np.repeat(np.arange(N), 3)  # an image's three crops are resampled together (fid_ci: test_bootstrap.py)
+    gen, patch_gen = gens["base"]
+    assert comparison["folders"]["base"]["patch_fid"]["ci95"] == pytest.approx(
+        fid_ci(patch_real, patch_gen, 400, 0, real_groups=groups, gen_groups=groups)[1], rel=1e-9)
     fid = pair(comparison, "base", "blurred", "fid")
     assert fid["difference"] == pytest.approx(direct_fid(real, gens["blurred"][0]) - direct_fid(real, gens["base"][0]),
                                               rel=1e-6)
