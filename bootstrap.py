@@ -147,7 +147,8 @@ class FidBootstrap:
         centred = k - kw_g[:, None] - kw_r[None, :] + mm
         c = np.sqrt(w_r[r])[:, None] * centred * np.sqrt(w_g[g])[None, :]
         small = c @ c.T if len(r) <= len(g) else c.T @ c
-        return np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum() / np.sqrt((self.real.n - 1) * (self.gen.n - 1))
+        singular_sum = np.sqrt(np.clip(np.linalg.eigvalsh(small), 0, None)).sum()
+        return singular_sum / np.sqrt((self.real.n - 1) * (self.gen.n - 1))
 
     def fid(self, w_r=None, w_g=None):
         """FID of the resample given by counts (None: every image once)."""

@@ -221,7 +221,8 @@ def main(args):
     out = Path(args.out)
     (out / "measured").mkdir(parents=True, exist_ok=True)
 
-    runs = [load_run(i, folder, label, out, args.workers) for i, (folder, label) in enumerate(zip(args.folders, labels))]
+    runs = [load_run(i, folder, label, out, args.workers)
+            for i, (folder, label) in enumerate(zip(args.folders, labels))]
     comparison, paired, unpaired = compare(runs, args.bootstrap, args.bootstrap_seed)
     rows = table_rows(comparison)
     write_text(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")

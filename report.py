@@ -110,7 +110,8 @@ def summary_tables(comparison):
         mark = "<span class='sig'>*</span>" if p["significant"] else "<span class='ns'>n.s.</span>"
         parts.append(f"<tr><td class='l'>{html.escape(p['a'])}</td><td class='l'>{html.escape(p['b'])}</td>"
                      f"<td class='l'>{p['metric']}</td><td>{cell(p['difference'])}</td>"
-                     f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td><td>{p['n_pairs']}</td><td>{mark}</td></tr>")
+                     f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td><td>{p['n_pairs']}</td>"
+                     f"<td>{mark}</td></tr>")
     return "".join(parts) + "</table>"
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from skimage import data
 
 import eval_vae
+from errors import UsageError
 from bootstrap import FidBootstrap
 from generate_and_eval_fid import main as eval_fid_main
 from generate_and_eval_fid import parse_args as eval_fid_args
@@ -125,13 +126,20 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
     assert "48x48" in json.loads((tmp_path / "both" / "metrics.json").read_text())["protocol"]["patch_fid"]
 
 
+def test_unknown_metric_is_a_usage_error(eval_folder, tmp_path):
+    with pytest.raises(UsageError, match="--metrics 'fid,sharpness': choose from fid,"):
+        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "x", "--metrics", "fid,sharpness"))[1])
+    with pytest.raises(UsageError, match="--bootstrap -1"):
+        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1"))[1])
+
+
 def test_patch_fid_alone_is_deterministic_per_seed(eval_folder, tmp_path):
     def patch_run(name, seed):
         argv = eval_folder(tmp_path / name, "--metrics", "patch_fid", "--patch_size", "40", "--patch_seed", seed,
                            "--bootstrap", "0")
         return eval_fid_main(eval_fid_args(argv)[1]), load_features(tmp_path / name / "features.npz")
 
-    (first, f1), (again, f2), (other, f3) = patch_run("a", "0"), patch_run("b", "0"), patch_run("c", "1")
+    (first, f1), (again, f2), (_, f3) = patch_run("a", "0"), patch_run("b", "0"), patch_run("c", "1")
     assert set(first) >= {"patch_fid", "num_images"} and "fid" not in first
     assert first["patch_fid"] == again["patch_fid"] and np.array_equal(f1["patch_generated"], f2["patch_generated"])
     assert not np.array_equal(f1["patch_real"], f3["patch_real"])
