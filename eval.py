@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from bootstrap import add_bootstrap_flags, add_intervals
 from detail_metrics import GLCM_PROPS, evaluate_folder, write_outputs
 import outputs
 from errors import UsageError, check_at_least, exit_on_usage_error
@@ -23,6 +24,9 @@ def print_table(summary, rows, max_rows=20):
           f"({summary['n_glcm_images']} images with a full {summary['patch_size']}×{summary['patch_size']} patch)")
     print(f"Compression Ratio ({summary['cr_mode']}, q{summary['jpeg_quality']}): {summary['compression_ratio']:.4f}  "
           f"({summary['n_images']} images, {summary['n_skipped']} skipped)")
+    if summary.get("bootstrap"):
+        print(f"95% intervals ({summary['bootstrap']} resamples): GLCM {summary['glcm_score_ci95']}, "
+              f"CR {summary['compression_ratio_ci95']}")
 
 
 def main(args):
@@ -30,6 +34,8 @@ def main(args):
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line in a CLI
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but torch sees no GPU; use --device cpu")
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap {args.bootstrap}: give a number of resamples, or 0 for no intervals")
     if not os.path.isdir(args.img_root):
         raise UsageError(f"--img_root {args.img_root!r} is not a folder")
     if not 1 <= args.jpeg_quality <= 100:
@@ -47,6 +53,9 @@ def main(args):
                                         workers=args.workers, cr_mode=args.cr_mode, quality=args.jpeg_quality,
                                         recursive=args.recursive, size=args.size)  # UsageError: empty or unreadable
         write_outputs(summary, rows, csv_path, json_path)
+
+    add_intervals(summary, args.bootstrap, args.bootstrap_seed, means={"glcm_score": [r["glcm"] for r in rows]},
+                  ratios={"compression_ratio": ([r["raw_bytes"] for r in rows], [r["compressed_bytes"] for r in rows])})
 
     # Report:
     print_table(summary, rows)
@@ -72,6 +81,7 @@ if __name__ == "__main__":
     parser.add_argument("--device", type=str, default="cpu", help="cpu or cuda: where the GLCMs are counted.")
     parser.add_argument("--workers", type=int, default=os.cpu_count(),
                         help="Processes reading (and, on cpu, scoring) images; default: all cores.")
+    add_bootstrap_flags(parser)
     parser.add_argument("--output_csv", type=str, default=None, help="Per-image CSV (default: <img_root>_eval.csv).")
     parser.add_argument("--output_json", type=str, default=None, help="Summary JSON (default: <img_root>_eval.json).")
     exit_on_usage_error("eval.py", main, parser.parse_args())

@@ -9,6 +9,7 @@ import argparse
 import csv
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ from PIL import Image
 from tqdm import tqdm
 
 import outputs
+from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
 from errors import UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
+from patch_fid import load_features, recorded_features, save_features
 from reconstruction import (EVAL_MODES, F8_MODES, LPIPS_BACKBONES, factor_of_mode, load_lpips, load_vae, lpips_distance,
                             pixel_metrics, reconstruct)
 
@@ -143,21 +146,40 @@ def score_image(vae, mode, image, metrics, lpips_metric, fid, device):
     return row
 
 
-def summarize(rows, skipped, settings, fid, complete):
-    """The JSON summary: the mean of each per-image metric, rFID, counts, every setting."""
+def summarize(rows, skipped, settings, fid, complete, bootstrap=(0, 0), features=None):
+    """The JSON summary: the mean of each per-image metric, rFID, counts, every setting; with bootstrap = (N, seed)
+    and N > 0, each metric's 95 % interval (rFID's from the Inception `features` of both sides)."""
     summary = {name: None for name in METRICS}
     for name in settings["metrics"]:
         if name != "rfid" and rows:
             summary[name] = float(np.mean([row[name] for row in rows]))
     if fid is not None and complete:
         summary["rfid"] = float(fid.compute()) if len(rows) >= 2 else None
+    if complete:
+        add_intervals(summary, *bootstrap, means={name: [row[name] for row in rows] for name in settings["metrics"]
+                                                  if name != "rfid" and rows})
+        if bootstrap[0] and summary["rfid"] is not None and features is not None:
+            summary["rfid_ci95"] = json_interval(fid_ci(features["real"], features["generated"], *bootstrap)[1])
     summary.update(n_images=len(rows), n_skipped=len(skipped), complete=complete, **settings, skipped=skipped)
     return summary
+
+
+def saved_features(path, n_rows):
+    """{"real", "generated"}: the Inception features of the first n_rows rows saved with the FID sums."""
+    saved = load_features(path)
+    return {side: saved.get(side, np.zeros((0, 0)))[:n_rows] for side in ("real", "generated")}
+
+
+def save_all_features(path, before, recorded):
+    """The features saved before this run followed by the ones recorded in it."""
+    save_features(path, **{side: np.concatenate([x for x in [before[side], *recorded[side]] if x.size])
+                           if recorded[side] else before[side] for side in ("real", "generated")})
 
 
 def main(args):
     """Check every flag, hold --output_json for this run, then evaluate (`run`)."""
     check_metrics(args.metrics)
+    check_at_least(0, bootstrap=args.bootstrap)
     factor = factor_of_mode(args.vae_mode)
     if args.size % factor or args.size <= 16:
         raise UsageError(f"--size {args.size}: --vae_mode {args.vae_mode or 'partitioned'} needs a multiple of "
@@ -178,6 +200,7 @@ def run(args):
     output_json = Path(args.output_json)
     csv_path = Path(args.output_csv or output_json.with_suffix(".csv"))
     fid_state = Path(f"{csv_path}.fid_state.pt")
+    features_path = Path(f"{csv_path}.fid_features.npz")  # per-image Inception features, for rFID's interval
 
     # Load models (weight files first, so a missing one fails before any work):
     lpips_metric = load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, device) if "lpips" in metrics else None
@@ -210,23 +233,30 @@ def run(args):
     todo = [name for name in names if name not in done]
     loader = torch.utils.data.DataLoader(ImageFiles(args.data_dir, todo, args.size), batch_size=None,
                                          num_workers=args.num_workers)
-    for i, (name, image, reason) in enumerate(tqdm(loader, desc=f"eval_vae {mode}", unit="image",
-                                                   total=len(names), initial=len(rows), disable=args.no_progress)):
-        if image is None:
-            skipped.append({"file": name, "reason": reason})
-            continue
-        row = {"file": name, **score_image(vae, mode, image, metrics, lpips_metric, fid, device)}
-        rows.append(row)
-        write_rows(csv_path, [row], columns, mode="a")
-        if (i + 1) % args.save_every == 0:
-            if fid is not None:
-                save_fid_state(fid_state, fid, len(rows))
-            save_json(output_json, summarize(rows, skipped, settings, None, complete=False))
-    if fid is not None:
-        save_fid_state(fid_state, fid, len(rows))
-        if len(rows) < 2:
-            raise UsageError(f"rFID needs at least 2 images; {len(rows)} could be read from {args.data_dir}.")
-    summary = summarize(rows, skipped, settings, fid, complete=True)
+    before = saved_features(features_path, len(rows))  # the Inception features of the rows resumed from
+    with recorded_features(fid) if fid is not None else nullcontext({"real": [], "generated": []}) as recorded:
+        for i, (name, image, reason) in enumerate(tqdm(loader, desc=f"eval_vae {mode}", unit="image",
+                                                       total=len(names), initial=len(rows), disable=args.no_progress)):
+            if image is None:
+                skipped.append({"file": name, "reason": reason})
+                continue
+            row = {"file": name, **score_image(vae, mode, image, metrics, lpips_metric, fid, device)}
+            rows.append(row)
+            write_rows(csv_path, [row], columns, mode="a")
+            if (i + 1) % args.save_every == 0:
+                if fid is not None:
+                    save_fid_state(fid_state, fid, len(rows))
+                    save_all_features(features_path, before, recorded)
+                save_json(output_json, summarize(rows, skipped, settings, None, complete=False))
+        if fid is not None:
+            save_fid_state(fid_state, fid, len(rows))
+            save_all_features(features_path, before, recorded)
+            if len(rows) < 2:
+                raise UsageError(f"rFID needs at least 2 images; {len(rows)} could be read from {args.data_dir}.")
+    features = saved_features(features_path, len(rows))
+    complete_features = fid is not None and all(len(features[side]) == len(rows) for side in features)
+    summary = summarize(rows, skipped, settings, fid, complete=True, bootstrap=(args.bootstrap, args.bootstrap_seed),
+                        features=features if complete_features else None)
     save_json(output_json, summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "skipped"}))
     return summary
@@ -270,6 +300,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_workers", type=int, default=2, help="processes decoding the next images")
     parser.add_argument("--save_every", type=int, default=25, help="images between saves of the FID sums and JSON")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_bootstrap_flags(parser)
     return parser.parse_args(argv)
 
 

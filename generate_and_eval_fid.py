@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import open_clip
 import torch
 import torchmetrics
@@ -23,14 +24,19 @@ from tqdm import tqdm
 import lora
 import low_memory
 import outputs
+from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
 from errors import UsageError, check_at_least, exit_on_usage_error
-from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, read_eval_set
+from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, load_fid, read_eval_set
 from generation import (add_generation_flags, check_checkpoint, check_generation_flags, generate, load_pipeline,
                         save_image, vae_settings)
 from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
+from patch_fid import (FEATURES_FILE, PATCH_SEED, PATCH_SIZE, PATCHES_PER_IMAGE, patch_fid_features,
+                       recorded_features, save_features)
 
 SETTINGS_FILE = "generation_settings.json"
+WHOLE_IMAGE_METRICS = ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio")  # one pass computes all
+METRICS = WHOLE_IMAGE_METRICS + ("patch_fid",)
 PROTOCOL = {  # how each metric is computed, written into metrics.json
     "fid_real_images": "shorter side resized to size (bilinear, antialiased), center crop size x size, uint8",
     "clip_score": "torchmetrics clip_score per image on the full image, mean over images; prompts cut at "
@@ -90,6 +96,34 @@ def write_results(save_path, metrics, rows):
     outputs.write_csv(Path(save_path) / "per_image.csv", rows, list(rows[0]))
 
 
+def check_metrics(text):
+    """The --metrics names, in the canonical order; UsageError for an unknown one."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    if not names or names - set(METRICS):
+        raise UsageError(f"--metrics {text!r}: choose from {','.join(METRICS)} (comma-separated).")
+    return [name for name in METRICS if name in names]
+
+
+def add_eval_intervals(metrics, rows, features, n_resamples, seed, patches_per_image):
+    """`<metric>_ci95` of every metric in `metrics`, images resampled; FID-family from the Inception features."""
+    add_intervals(metrics, n_resamples, seed,
+                  means={name: [row[name] for row in rows] for name in ("clip_score", "aesthetics", "glcm_score")
+                         if name in metrics},
+                  ratios={"compression_ratio": ([row["raw_bytes"] for row in rows],
+                                                [row["raw_bytes"] / row["compression_ratio"] for row in rows])}
+                  if "compression_ratio" in metrics else {})
+    if not n_resamples:
+        return metrics
+    if "fid" in metrics:
+        metrics["fid_ci95"] = json_interval(fid_ci(features["inception_real"], features["inception_generated"],
+                                                   n_resamples, seed)[1])
+    if "patch_fid" in metrics:
+        groups = np.repeat(np.arange(len(features["patch_real"]) // patches_per_image), patches_per_image)
+        metrics["patch_fid_ci95"] = json_interval(fid_ci(features["patch_real"], features["patch_generated"],
+                                                         n_resamples, seed, real_groups=groups, gen_groups=groups)[1])
+    return metrics
+
+
 #################################################################################
 #                                     Main                                      #
 #################################################################################
@@ -108,7 +142,9 @@ def main(args):
     """Check the flags, hold --save_path for this run (main process), then generate and score (`run`)."""
     check_generation_flags(args)
     check_at_least(1, size=args.size, max_samples=args.max_samples, eval_batch_size=args.eval_batch_size)
-    check_at_least(0, num_workers=args.num_workers)
+    check_at_least(0, num_workers=args.num_workers, bootstrap=args.bootstrap)
+    check_at_least(1, patch_size=args.patch_size, patches_per_image=args.patches_per_image)
+    check_metrics(args.metrics)
     # Without CUDA, processes started by `accelerate launch` / torchrun share the work on the CPU (gloo).
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
     with outputs.FolderLock(args.save_path, "--save_path", main=state.is_main_process):
@@ -120,7 +156,9 @@ def run(args, state):
     # Check everything before generating anything:
     if not args.skip_generation and args.checkpoint_path is None:
         raise UsageError("--checkpoint_path is required unless --skip_generation is given.")
-    metric_files = {flag: getattr(args, flag) for flag in WEIGHT_SOURCES}
+    wanted = check_metrics(args.metrics)
+    whole = any(name in WHOLE_IMAGE_METRICS for name in wanted)
+    metric_files = {flag: getattr(args, flag) for flag in WEIGHT_SOURCES if whole or flag == "inception_weights"}
     check_metric_files(metric_files)
     check_size(args.size, args.size)
     samples = read_eval_set(args.json_file, args.max_samples)
@@ -137,7 +175,8 @@ def run(args, state):
         check_checkpoint(args.model, args.checkpoint_path)
         check_generation_settings(args.save_path, settings)
     # Loaded now, on the CPU, so that a wrong weights file is reported before hours of generation:
-    models = MetricModels(**metric_files, fid_feature=args.fid_feature) if state.is_main_process else None
+    models = (MetricModels(**metric_files, fid_feature=args.fid_feature) if whole else
+              load_fid(args.inception_weights, feature=args.fid_feature)) if state.is_main_process else None
 
     # Generate the images this process owns:
     if not args.skip_generation:
@@ -175,9 +214,22 @@ def run(args, state):
         raise UsageError(f"{len(missing)} of {len(paths)} images are missing in {args.save_path}, e.g. {missing[0]}: "
                          f"run without --skip_generation to generate them (images are named 00000.{args.save_format}, "
                          f"00001.{args.save_format}, ... after their line in --json_file).")
-    metrics, rows = evaluate_images(samples, paths, args.size, models.to(state.device), args.eval_batch_size,
-                                    args.num_workers, detail_paths=detail_paths,
-                                    cr_mode="file" if args.protocol == "authors" else "encode")
+    models, metrics, rows = models.to(state.device), {"num_images": len(paths)}, None
+    features = {"files": np.array([path.name for path in paths])}  # the row order of every feature array
+    if whole:
+        with recorded_features(models.fid) as inception:
+            metrics, rows = evaluate_images(samples, paths, args.size, models, args.eval_batch_size,
+                                            args.num_workers, detail_paths=detail_paths,
+                                            cr_mode="file" if args.protocol == "authors" else "encode")
+        features.update(inception_real=inception["real"], inception_generated=inception["generated"])
+    if "patch_fid" in wanted:
+        metric = models.fid if whole else models
+        metrics["patch_fid"], patches = patch_fid_features(samples, paths, metric, args.patch_size,
+                                                           args.patches_per_image, args.patch_seed,
+                                                           args.eval_batch_size, args.num_workers)
+        features.update(patch_real=patches["real"], patch_generated=patches["generated"])
+    add_eval_intervals(metrics, rows, features, args.bootstrap, args.bootstrap_seed, args.patches_per_image)
+    save_features(Path(args.save_path) / FEATURES_FILE, **features)
     metrics["settings"] = {**vars(args), "num_processes": state.num_processes}
     metrics["protocol"] = {**PROTOCOL, "fid_feature": f"torchmetrics FrechetInceptionDistance, {args.fid_feature}-d "
                                                       f"Inception features, antialias=False (torch-fidelity's resize "
@@ -186,9 +238,12 @@ def run(args, state):
     metrics["versions"] = {"torch": torch.__version__, "torchmetrics": torchmetrics.__version__,
                            "transformers": transformers.__version__, "open_clip": open_clip.__version__,
                            "diffusers": diffusers.__version__}
-    write_results(args.save_path, metrics, rows)
-    print(json.dumps({k: metrics[k] for k in ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio",
-                                              "num_images", "truncated_prompts")}))
+    if "patch_fid" in wanted:
+        metrics["protocol"]["patch_fid"] = (f"FID (same Inception) over {args.patches_per_image} random "
+                                            f"{args.patch_size}x{args.patch_size} crop(s) per image at native "
+                                            f"resolution, seed {args.patch_seed} (patch_fid.py)")
+    write_results(args.save_path, metrics, rows or [{"file": name} for name in features["files"]])
+    print(json.dumps({k: metrics[k] for k in (*METRICS, "num_images", "truncated_prompts") if k in metrics}))
     return metrics
 
 
@@ -210,6 +265,13 @@ def parse_args(argv=None):
     parser.add_argument("--skip_generation", action="store_true", help="only evaluate the images in --save_path")
     parser.add_argument("--fid_feature", type=int, choices=(64, 192, 768, 2048), default=2048,
                         help="Inception layer: 2048 (pool) is the standard FID; the smaller ones are quick checks")
+    parser.add_argument("--metrics", default=",".join(WHOLE_IMAGE_METRICS),
+                        help=f"comma list of {','.join(METRICS)}; the first five come from one pass over the images "
+                             f"(naming any computes all five), patch_fid adds a pass over crops")
+    parser.add_argument("--patch_size", type=int, default=PATCH_SIZE, help="patch-FID crop side, native pixels")
+    parser.add_argument("--patches_per_image", type=int, default=PATCHES_PER_IMAGE, help="patch-FID crops per image")
+    parser.add_argument("--patch_seed", type=int, default=PATCH_SEED, help="seed of the patch-FID crop positions")
+    add_bootstrap_flags(parser)
     parser.add_argument("--eval_batch_size", type=int, default=8, help="images held in memory while evaluating")
     parser.add_argument("--num_workers", type=int, default=4, help="processes decoding images while evaluating")
     parser.add_argument("--inception_weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")

@@ -332,7 +332,7 @@ def test_cli_writes_csv_and_json(folder, tmp_path, repo_root):
 def test_cli_empty_folder_exits_with_a_message(tmp_path, capsys):
     args = argparse.Namespace(img_root=str(tmp_path), prop="entropy", patch_size=64, size=None, recursive=False,
                               cr_mode="encode", jpeg_quality=95, device="cpu", workers=1, output_csv=None,
-                              output_json=None)
+                              output_json=None, bootstrap=0, bootstrap_seed=0)
     with pytest.raises(SystemExit) as exit_info:  # what `python eval.py` does: one line on stderr, status 2
         exit_on_usage_error("eval.py", eval_cli.main, args)
     assert exit_info.value.code == 2 and "eval.py: error: no files" in capsys.readouterr().err

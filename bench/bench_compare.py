@@ -1,0 +1,103 @@
+"""compare.py at scale: 3 folders of N textured images (skimage photos, bicubic-upscaled, plus noise; PNG), the whole
+run timed (per-image GLCM + CR, statistics, report) and extrapolated linearly to --target images when N is smaller;
+and the FID bootstrap alone on --fid_images × 2048 features, against one scipy Fréchet distance in the same run.
+
+    python -m bench.bench_compare [--images 60] [--size 2048] [--target 2000] [--root /tmp/bench_compare]
+"""
+import argparse
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.linalg
+from PIL import Image
+from skimage import data
+
+import bootstrap
+import compare
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+
+
+def make_folders(root, n, size, seed=0):
+    """Folders a, b (a blurred by bicubic down/up-sampling), c (fresh noise); returns their paths."""
+    rng = np.random.default_rng(seed)
+    folders = [Path(root) / name for name in ("a", "b", "c")]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    bases = [np.asarray(Image.fromarray(getattr(data, p)()).convert("RGB").resize((size, size), Image.BICUBIC),
+                        dtype=np.int16) for p in PHOTOS]
+    for i in range(n):
+        base = bases[i % len(bases)]
+        for k, folder in enumerate(folders):
+            noisy = np.clip(base + rng.integers(-24, 25, base.shape), 0, 255).astype(np.uint8)
+            image = Image.fromarray(noisy)
+            if k == 1:
+                image = image.resize((size // 2, size // 2), Image.BICUBIC).resize((size, size), Image.BICUBIC)
+            image.save(folder / f"{i:05d}.png", compress_level=1)
+    return folders
+
+
+def time_fid_bootstrap(n, d, resamples):
+    """(seconds of fid_ci with `resamples` resamples, seconds of one scipy sqrtm FID) on n × d features."""
+    rng = np.random.default_rng(0)
+    mixing = rng.normal(size=(d, d)) * 0.995 ** np.arange(d)
+    real, gen = np.abs(rng.normal(size=(n, d)) @ mixing.T), np.abs(rng.normal(size=(n, d)) @ mixing.T) * 1.05
+    start = time.perf_counter()
+    s1, s2 = np.cov(real, rowvar=False), np.cov(gen, rowvar=False)
+    reference = float(((real.mean(0) - gen.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                      - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
+    scipy_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    point, _ = bootstrap.fid_ci(real, gen, n_resamples=resamples)
+    assert abs(point - reference) <= 1e-6 * abs(reference), (point, reference)
+    return time.perf_counter() - start, scipy_seconds
+
+
+def main(args):
+    root = Path(args.root)
+    shutil.rmtree(root, ignore_errors=True)
+    start = time.perf_counter()
+    folders = make_folders(root, args.images, args.size)
+    print(json.dumps({"stage": "make_images", "folders": 3, "images": args.images, "size": args.size,
+                      "seconds": round(time.perf_counter() - start, 1)}))
+    start = time.perf_counter()
+    compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(root / "out"),
+                                     "--workers", str(args.workers), "--bootstrap", str(args.bootstrap)]))
+    seconds = time.perf_counter() - start
+    page = root / "out" / "report.html"
+    files = [p for p in (root / "out").rglob("*") if p.is_file()]
+    print(json.dumps({"stage": "compare", "folders": 3, "images": args.images, "size": args.size,
+                      "workers": args.workers, "seconds": round(seconds, 1),
+                      "seconds_per_image": round(seconds / (3 * args.images), 3),
+                      f"extrapolated_seconds_{args.target}": round(seconds * args.target / args.images),
+                      "report_html_kb": round(page.stat().st_size / 1024),
+                      "report_files_mb": round(sum(p.stat().st_size for p in files) / 2 ** 20, 1),
+                      "load_average_1min": os.getloadavg()[0]}))
+    fid_seconds, scipy_seconds = time_fid_bootstrap(args.fid_images, 2048, args.bootstrap)
+    print(json.dumps({"stage": "fid_bootstrap", "images": args.fid_images, "features": 2048,
+                      "resamples": args.bootstrap, "seconds": round(fid_seconds, 1),
+                      "reference_one_scipy_fid_seconds": round(scipy_seconds, 1),
+                      "load_average_1min": os.getloadavg()[0]}))
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=60, help="images per folder actually measured")
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--target", type=int, default=2000, help="images per folder the time is extrapolated to")
+    parser.add_argument("--fid_images", type=int, default=2000, help="images per side of the FID bootstrap timing")
+    parser.add_argument("--bootstrap", type=int, default=bootstrap.DEFAULT_RESAMPLES)
+    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--root", default="/tmp/bench_compare", help="scratch folder (deleted at the end)")
+    parser.add_argument("--keep", action="store_true", help="keep the images and the report")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,180 @@
+"""report.html of compare.py: one static page (no network, no server) to look at runs side by side.
+
+The summary table with intervals and significance marks; then, per prompt, every folder's thumbnail with its
+per-image metrics, two 1:1 crops around the highest- and lowest-GLCM 64² patch of the first folder's image (the same
+region in every folder), and a zoom view per folder. A click on any thumbnail loads the original images (relative
+paths) into the zoom views of that prompt, at 1:1 pixels, centred on the same point in every column.
+"""
+import html
+import multiprocessing
+import os
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from detail_metrics import glcm_patch_scores, grey64, to_rgb8
+
+GLCM_PATCH = 64
+STYLE = """
+body{font-family:sans-serif;margin:16px;background:#fafafa;color:#222}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#eee}td.l{text-align:left}.sig{color:#b00;font-weight:bold}.ns{color:#888}
+.prompt{border-top:2px solid #ccc;margin-top:18px;padding-top:6px}
+.row{display:flex;gap:14px;flex-wrap:wrap}.col{width:%(thumb)dpx}
+.col img.thumb{max-width:%(thumb)dpx;cursor:crosshair;display:block}.m{font-size:12px;color:#444}
+.crops img{image-rendering:pixelated;margin:2px 2px 0 0;border:1px solid #999}
+.zoom{position:relative;overflow:hidden;width:%(crop)dpx;height:%(crop)dpx;border:1px solid #444;background:#ddd}
+.zoom img{position:absolute;left:0;top:0;max-width:none;image-rendering:pixelated}
+"""
+SCRIPT = """
+document.querySelectorAll('img.thumb').forEach(function (thumb) {
+  thumb.addEventListener('click', function (event) {
+    var rect = thumb.getBoundingClientRect();
+    var fx = (event.clientX - rect.left) / rect.width, fy = (event.clientY - rect.top) / rect.height;
+    thumb.closest('.prompt').querySelectorAll('.col').forEach(function (col) {
+      var t = col.querySelector('img.thumb'), zoom = col.querySelector('.zoom'), img = zoom.querySelector('img');
+      var w = +t.dataset.w, h = +t.dataset.h, half = zoom.clientWidth / 2;
+      var x = Math.round(fx * w), y = Math.round(fy * h);
+      if (img.getAttribute('src') !== t.dataset.full) { img.src = t.dataset.full; }
+      img.style.left = (half - x) + 'px'; img.style.top = (half - y) + 'px';
+      zoom.dataset.x = x; zoom.dataset.y = y;
+    });
+  });
+});
+"""
+
+
+#################################################################################
+#                                  Image files                                  #
+#################################################################################
+
+def glcm_extremes(path):
+    """((x, y) of the highest-GLCM 64² patch, (x, y) of the lowest), top-left corners, of an image file."""
+    rgb = to_rgb8(path)
+    scores = glcm_patch_scores(grey64(rgb))
+    if not len(scores):
+        return (0, 0), (0, 0)
+    per_row = rgb.shape[1] // GLCM_PATCH
+    corner = lambda k: ((k % per_row) * GLCM_PATCH, (k // per_row) * GLCM_PATCH)  # noqa: E731  row-major patches
+    return corner(int(np.argmax(scores))), corner(int(np.argmin(scores)))
+
+
+def crop_box(width, height, x, y, crop):
+    """A crop × crop box centred on the 64² patch at (x, y), kept inside the image."""
+    left = min(max(x + GLCM_PATCH // 2 - crop // 2, 0), max(width - crop, 0))
+    top = min(max(y + GLCM_PATCH // 2 - crop // 2, 0), max(height - crop, 0))
+    return left, top, min(left + crop, width), min(top + crop, height)
+
+
+def image_files(out, k, name, path, corners, thumb_size, crop_size):
+    """Write the thumbnail and the crops of one image; returns (relative paths, original width, height)."""
+    stem = Path(name).stem
+    thumb_path = Path("thumbs") / str(k) / f"{stem}.jpg"
+    crop_paths = [Path("crops") / str(k) / f"{stem}_{which}.png" for which in ("high", "low")]
+    (out / thumb_path).parent.mkdir(parents=True, exist_ok=True)
+    (out / crop_paths[0]).parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        for (x, y), crop_path in zip(corners, crop_paths):
+            image.crop(crop_box(width, height, x, y, crop_size)).save(out / crop_path)
+        image.thumbnail((thumb_size, thumb_size), Image.Resampling.LANCZOS)
+        image.save(out / thumb_path, quality=90)
+    return {"thumb": thumb_path.as_posix(), "crops": [p.as_posix() for p in crop_paths]}, width, height
+
+
+#################################################################################
+#                                      Page                                     #
+#################################################################################
+
+def summary_tables(comparison):
+    """HTML of the per-folder table and the pairs table."""
+    labels = list(comparison["folders"])
+    metrics = list(dict.fromkeys(m for v in comparison["folders"].values() for m in v))
+    cell = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
+    parts = ["<h2>Summary</h2><table id='summary'><tr><th>metric</th>"
+             + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"]
+    for metric in metrics:
+        parts.append(f"<tr><td class='l'>{metric}</td>" + "".join(
+            f"<td>{cell(v['value'])} [{cell(v['ci95'][0])}, {cell(v['ci95'][1])}]</td>" if v else "<td>–</td>"
+            for v in (comparison["folders"][label].get(metric) for label in labels)) + "</tr>")
+    parts.append("</table><h3>Differences (b − a), 95 % bootstrap intervals; * : the interval excludes 0</h3>"
+                 "<table id='pairs'><tr><th>a</th><th>b</th><th>metric</th><th>b − a</th><th>95 % interval</th>"
+                 "<th>n pairs</th><th></th></tr>")
+    for p in comparison["pairs"]:
+        mark = "<span class='sig'>*</span>" if p["significant"] else "<span class='ns'>n.s.</span>"
+        parts.append(f"<tr><td class='l'>{html.escape(p['a'])}</td><td class='l'>{html.escape(p['b'])}</td>"
+                     f"<td class='l'>{p['metric']}</td><td>{cell(p['difference'])}</td>"
+                     f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td><td>{p['n_pairs']}</td>"
+                     f"<td>{mark}</td></tr>")
+    return "".join(parts) + "</table>"
+
+
+def image_metrics(row):
+    """One line of an image's metrics."""
+    parts = [f"GLCM {row['glcm_score']:.4f}" if "glcm_score" in row else None,
+             f"CR {row['raw_bytes'] / row['compressed_bytes']:.2f}" if "compressed_bytes" in row else None,
+             f"CLIP {row['clip_score']:.2f}" if "clip_score" in row else None,
+             f"Aes {row['aesthetics']:.2f}" if "aesthetics" in row else None]
+    return " · ".join(p for p in parts if p)
+
+
+def prompt_section(out, runs, name, files, sizes):
+    """HTML of one prompt: a column per folder (thumbnail, metrics, crops, zoom view)."""
+    prompt = next((run["rows"][name].get("prompt") for run in runs if run["rows"][name].get("prompt")), "")
+    parts = [f"<div class='prompt' id='p-{html.escape(Path(name).stem)}'><b>{html.escape(name)}</b> "
+             f"{html.escape(prompt)}<div class='row'>"]
+    for run, item, (width, height) in zip(runs, files, sizes):
+        full = quote(Path(os.path.relpath(Path(run["images"][name]).resolve(), out.resolve())).as_posix())
+        parts.append(
+            f"<div class='col'><div><b>{html.escape(run['label'])}</b></div>"
+            f"<img class='thumb' src='{quote(item['thumb'])}' data-full='{full}' data-w='{width}' data-h='{height}' "
+            f"alt='{html.escape(run['label'])} {html.escape(name)}' title='click: zoom here in every column'>"
+            f"<div class='m'>{image_metrics(run['rows'][name])} ({width}×{height})</div>"
+            f"<div class='crops'><img src='{quote(item['crops'][0])}' alt='highest-GLCM patch' title='highest-GLCM "
+            f"64² patch of the first folder, 1:1'><img src='{quote(item['crops'][1])}' alt='lowest-GLCM patch' "
+            f"title='lowest-GLCM 64² patch of the first folder, 1:1'></div>"
+            f"<div class='m'>crops: highest, lowest GLCM · zoom (click a thumbnail):</div>"
+            f"<div class='zoom'><img alt=''></div></div>")
+    return "".join(parts) + "</div></div>"
+
+
+def prompt_files(paths, out, thumb_size, crop_size):
+    """Thumbnails and crops of one prompt's images (paths: one per folder, in folder order)."""
+    corners = glcm_extremes(paths[0])
+    return [image_files(out, k, Path(path).name, path, corners, thumb_size, crop_size) for k, path in enumerate(paths)]
+
+
+def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_size=128, workers=None):
+    """Write out/report.html with its thumbnails and crops (made by `workers` processes); returns the page's path."""
+    out = Path(out)
+    task = partial(prompt_files, out=out, thumb_size=thumb_size, crop_size=crop_size)
+    jobs = [[run["images"][name] for run in runs] for name in paired]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.imap(task, jobs) if workers > 1 else map(task, jobs)
+        made = list(tqdm(results, total=len(jobs), desc="report", unit="prompt"))
+    sections = [prompt_section(out, runs, name, [m[0] for m in files], [m[1:] for m in files])
+                for name, files in zip(paired, made)]
+    notes = "".join(f"<p>{html.escape(label)}: {len(names)} image(s) without a match in every folder, left out: "
+                    f"{html.escape(', '.join(names[:10]))}{' …' if len(names) > 10 else ''}</p>"
+                    for label, names in unpaired.items() if names)
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison</title><style>"
+            + STYLE % {"thumb": thumb_size, "crop": crop_size} + "</style></head><body><h1>Comparison of "
+            + ", ".join(html.escape(run["label"]) for run in runs) + "</h1>"
+            + "".join(f"<p>{html.escape(run['label'])}: {html.escape(run['folder'])} (per-image metrics: "
+                      f"{html.escape(run['source'])})</p>" for run in runs)
+            + summary_tables(comparison) + notes
+            + f"<h2>Images ({len(paired)} prompts)</h2><p>Crops: {crop_size}² at 1:1 around the highest- and "
+              "lowest-GLCM 64² patch of the first folder's image. Click a thumbnail: every column's zoom view shows "
+              "the original at 1:1 around that point.</p>"
+            + "".join(sections) + "<script>" + SCRIPT + "</script></body></html>\n")
+    temporary = out / "report.html.partial"
+    temporary.write_text(page, encoding="utf-8")
+    os.replace(temporary, out / "report.html")
+    return out / "report.html"
