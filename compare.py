@@ -10,7 +10,6 @@ DIR/comparison.csv (the table printed here) and DIR/report.html (report.py).
 """
 import argparse
 import csv
-import json
 import math
 import os
 from itertools import combinations
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import detail_metrics
+import outputs
 import report
 from bootstrap import (add_bootstrap_flags, fid_ci, fid_difference, json_interval, mean_ci, paired_difference,
                        ratio_ci)
@@ -203,13 +203,6 @@ def print_table(rows, unpaired):
                   f"(e.g. {names[0]})")
 
 
-def write_text(path, text):
-    """Write a file through a temporary one (a killed run leaves the old file or the new one)."""
-    partial = Path(f"{path}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def main(args):
     if len(args.folders) < 2:
         raise UsageError("--folders needs at least two folders to compare")
@@ -218,20 +211,21 @@ def main(args):
         raise UsageError(f"--labels: give one distinct label per folder ({len(args.folders)}), got {labels}")
     if args.bootstrap < 1:
         raise UsageError("--bootstrap: compare needs at least 1 resample (1000 is the default)")
+    with outputs.FolderLock(args.out, "--out"):  # one run per --out folder
+        return run(args, labels)
+
+
+def run(args, labels):
+    """Measure each folder, compare every pair, write the table, the JSON, the CSV and the report."""
     out = Path(args.out)
     (out / "measured").mkdir(parents=True, exist_ok=True)
-
     runs = [load_run(i, folder, label, out, args.workers)
             for i, (folder, label) in enumerate(zip(args.folders, labels))]
     comparison, paired, unpaired = compare(runs, args.bootstrap, args.bootstrap_seed)
     rows = table_rows(comparison)
-    write_text(out / "comparison.json", json.dumps(comparison, indent=2) + "\n")
-    with open(out / "comparison.csv.partial", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(out / "comparison.csv.partial", out / "comparison.csv")
-    write_text(out / "unpaired.json", json.dumps(unpaired, indent=2) + "\n")
+    outputs.write_json(out / "comparison.json", comparison)
+    outputs.write_csv(out / "comparison.csv", rows, CSV_COLUMNS)
+    outputs.write_json(out / "unpaired.json", unpaired)
     print_table(rows, unpaired)
     if not args.no_report:
         page = report.write_report(out, runs, comparison, paired, unpaired, thumb_size=args.thumb_size,

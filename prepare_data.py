@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import detail_metrics as dm
+import outputs
 import parquet_shards as ps
 from errors import UsageError, exit_on_usage_error
 from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES
@@ -204,7 +205,7 @@ class WorkLog:
         if stamp.is_file() and json.loads(stamp.read_text()) != settings:
             raise UsageError(f"{self.folder} holds the work of another input or other settings "
                              f"({stamp}); use another output or delete that folder to start again.")
-        write_atomically(stamp, json.dumps(settings, indent=2))
+        outputs.write_text(stamp, json.dumps(settings, indent=2))
         self.path = self.folder / f"results-{shard[0]}-of-{shard[1]}.jsonl"
         if self.path.is_file():  # cut a torn last line off this run's own log, so that appends start on a new line
             data = self.path.read_bytes()
@@ -229,15 +230,6 @@ class WorkLog:
         self.done[chunk_id] = rows
 
 
-def write_atomically(path, text):
-    """Write text to a temporary file, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_chunks(chunks, log, shard, workers, settings, desc):
@@ -342,12 +334,12 @@ def write_filter_outputs(out, items, problems, results, args):
     writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(out / "scores.csv", buffer.getvalue())
-    write_atomically(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    outputs.write_text(out / "scores.csv", buffer.getvalue())
+    outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
     report.update(n_scored=len(rows), n_passed=len(lines), problems=problems,
                   thresholds={k: getattr(args, k) for k in ("min_glcm", "min_compression_ratio", "max_flat_share",
                                                             "min_short_side")})
-    write_atomically(out / "filter_report.json", json.dumps(report, indent=2))
+    outputs.write_text(out / "filter_report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -380,10 +372,10 @@ def write_eval_set(out, items, problems, results, args):
         copy_eval_image(item, result, args.image_column, target)
         lines.append(json.dumps({"file_name": target.relative_to(out).as_posix(), "text": item["text"],
                                  "source": item["name"]}, ensure_ascii=False))
-    write_atomically(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
+    outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
     report = {"size": args.size, "n_images": len(items), "n_selected": len(lines), "n_too_small": too_small,
               "problems": problems}
-    write_atomically(out / "eval_set_report.json", json.dumps(report, indent=2))
+    outputs.write_text(out / "eval_set_report.json", json.dumps(report, indent=2))
     return report
 
 
@@ -398,8 +390,18 @@ def main(args):
         out = Path(args.out).resolve()
         if out == data_dir or data_dir in out.parents:
             raise UsageError(f"--out {args.out} is inside DATA_DIR: the input is never written to; pick another folder.")
-        out.mkdir(parents=True, exist_ok=True)
         work = out / ".prepare"
+    index, count = args.shard
+    label = "--out_json" if args.command == "verify" else "--out"
+    with outputs.FolderLock(work, label, name=f".run-{index}-of-{count}.lock"):  # one run per shard of an output
+        return run(args, data_dir, (layout, items, orphans, problems), work,
+                   out_json if args.command == "verify" else out)
+
+
+def run(args, data_dir, dataset, work, out):
+    """Process this shard's unfinished chunks, then (once every chunk is done) write the command's outputs (`out`:
+    verify's JSON file, or the output folder)."""
+    layout, items, orphans, problems = dataset
     settings = {"command": args.command, "data_dir": str(data_dir), "image_column": args.image_column,
                 "flat_std": args.flat_std}
     log = WorkLog(work, settings, args.shard)
@@ -410,10 +412,10 @@ def main(args):
     results = collect(chunks, log)
     if args.command == "verify":
         report = verify_report(data_dir, layout, items, orphans, problems, results)
-        write_atomically(out_json, json.dumps(report, indent=2))
+        outputs.write_text(out, json.dumps(report, indent=2))
         print(f"{report['n_readable']} of {report['n_images']} images readable, {len(report['corrupt'])} corrupt, "
               f"{len(report['missing_caption'])} without caption, {len(orphans)} orphan captions, "
-              f"{len(report['duplicates'])} duplicate groups: {out_json}")
+              f"{len(report['duplicates'])} duplicate groups: {out}")
     elif args.command == "filter":
         report = write_filter_outputs(out, items, problems, results, args)
         print(f"{report['n_passed']} of {report['n_scored']} scored images pass ({len(report['problems'])} problems): "

@@ -163,6 +163,24 @@ def test_every_writing_script_stops_on_a_held_folder_before_loading(tiny_ckpts, 
             train_sc_vae.main(train_sc_vae.parse_args(sc_vae))
 
 
+def test_compare_and_each_shard_of_prepare_data_hold_their_output(dataset, tmp_path):
+    import compare
+    import prepare_data
+
+    out = tmp_path / "cmp"
+    with held(out):
+        with pytest.raises(UsageError, match="--out .*cmp is in use by another run"):
+            compare.main(compare.parse_args(["--folders", str(dataset), str(dataset), "--labels", "a", "b",
+                                             "--out", str(out)]))
+    filtered = tmp_path / "filtered"
+    argv = ["filter", str(dataset), "--out", str(filtered), "--workers", "1", "--shard", "1/2"]
+    with outputs.FolderLock(filtered / ".prepare", "--out", name=".run-1-of-2.lock", main=True):
+        with pytest.raises(UsageError, match="--out .*prepare is in use by another run"):
+            prepare_data.main(prepare_data.parse_args(argv))
+        # another shard of the same output is another run: it goes ahead
+        prepare_data.main(prepare_data.parse_args(argv[:-1] + ["0/2"]))
+
+
 #################################################################################
 #                                 Atomic writes                                 #
 #################################################################################
