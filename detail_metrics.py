@@ -30,7 +30,8 @@ GLCM_DISTANCES = (1, 2, 3, 4)
 GLCM_ANGLES = (0.0, np.pi / 4, np.pi / 2, np.pi * 3 / 4)  # the authors' list, as floats
 N_OFFSETS = len(GLCM_DISTANCES) * len(GLCM_ANGLES)
 N_CELLS = N_OFFSETS * GLCM_LEVELS ** 2  # values in one patch's normed GLCM
-NOT_IMAGES = (".json", ".jsonl", ".csv")  # sidecars, metadata and results the generating scripts write beside images
+# Sidecars, metadata, results and saved features the generating scripts write beside images:
+NOT_IMAGES = (".json", ".jsonl", ".csv", ".npz")
 CSV_FIELDS = ("file", "width", "height", "n_patches", "glcm", "raw_bytes", "compressed_bytes",
               "compression_ratio")
 

@@ -52,10 +52,10 @@ def main(args):
         summary, rows = evaluate_folder(args.img_root, prop=args.prop, patch_size=args.patch_size, device=args.device,
                                         workers=args.workers, cr_mode=args.cr_mode, quality=args.jpeg_quality,
                                         recursive=args.recursive, size=args.size)  # UsageError: empty or unreadable
+        add_intervals(summary, args.bootstrap, args.bootstrap_seed, means={"glcm_score": [r["glcm"] for r in rows]},
+                      ratios={"compression_ratio": ([r["raw_bytes"] for r in rows],
+                                                    [r["compressed_bytes"] for r in rows])})
         write_outputs(summary, rows, csv_path, json_path)
-
-    add_intervals(summary, args.bootstrap, args.bootstrap_seed, means={"glcm_score": [r["glcm"] for r in rows]},
-                  ratios={"compression_ratio": ([r["raw_bytes"] for r in rows], [r["compressed_bytes"] for r in rows])})
 
     # Report:
     print_table(summary, rows)

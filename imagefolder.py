@@ -27,6 +27,18 @@ def is_text(value):
     return True
 
 
+def json_lines(lines, problems, prefix="line"):
+    """(line number, parsed value) of each non-blank line of a JSON-lines file; a line that is not JSON is noted in
+    `problems` as "PREFIX N: invalid JSON (...)" and skipped."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            problems.append(f"{prefix} {number}: invalid JSON ({error.msg})")
+
+
 def read_metadata(path, require_text=True, rows=False):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
@@ -45,14 +57,7 @@ def read_metadata(path, require_text=True, rows=False):
                                 f"line with 'file_name' (relative to its folder) and 'text'")
     records, bad_lines, missing = [], [], []
     with open(path, encoding="utf-8", errors="surrogateescape") as lines:  # bad bytes -> lone surrogates
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                bad_lines.append(f"line {number}: invalid JSON ({error.msg})")
-                continue
+        for number, entry in json_lines(lines, bad_lines):
             if rows and isinstance(entry, dict) and "parquet_file" in entry and "file_name" not in entry:
                 entry = parquet_row_entry(entry, path.parent, number, bad_lines, missing)
                 if entry:

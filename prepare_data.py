@@ -29,7 +29,7 @@ import detail_metrics as dm
 import outputs
 import parquet_shards as ps
 from errors import UsageError, exit_on_usage_error
-from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES
+from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, json_lines
 
 CHUNK = 16  # images of an imagefolder per unit of work (a Parquet chunk is one row group)
 SCORE_FIELDS = ("file", "width", "height", "short_side", "glcm", "compression_ratio", "laplacian_var", "flat_share",
@@ -47,14 +47,7 @@ def read_imagefolder(root):
     file no line names (caption missing); orphans: lines whose file is missing."""
     items, orphans, problems, listed = [], [], [], set()
     with open(root / "metadata.jsonl", encoding="utf-8", errors="replace") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                problems.append(f"metadata.jsonl line {number}: invalid JSON ({error.msg})")
-                continue
+        for number, entry in json_lines(lines, problems, prefix="metadata.jsonl line"):
             name = entry.get("file_name") if isinstance(entry, dict) else None
             if not isinstance(name, str) or not name.strip():
                 problems.append(f"metadata.jsonl line {number}: no 'file_name'")

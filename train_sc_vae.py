@@ -420,6 +420,8 @@ def fine_tune(args):
         outputs.write_json(output_dir / "train_summary.json", summary)
         logger.info(f"Saved the SC-VAE to {output_dir / 'vae'}")
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # tear the process group down now, not in a rank's exit
+        torch.distributed.destroy_process_group()
     return summary
 
 

@@ -994,6 +994,8 @@ def fine_tune(args, spec, lora_config):
     summary = write_summary(accelerator, args, "completed", global_step, problems, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_initialized():  # tear the process group down now, not in a rank's exit
+        torch.distributed.destroy_process_group()
     logger.info(f"Saved {saved} to {output_dir}")
     return summary
 

@@ -129,7 +129,7 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
 def test_unknown_metric_is_a_usage_error(eval_folder, tmp_path):
     with pytest.raises(UsageError, match="--metrics 'fid,sharpness': choose from fid,"):
         eval_fid_main(eval_fid_args(eval_folder(tmp_path / "x", "--metrics", "fid,sharpness"))[1])
-    with pytest.raises(UsageError, match="--bootstrap -1"):
+    with pytest.raises(UsageError, match="--bootstrap must be at least 0, got -1"):
         eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1"))[1])
 
 

@@ -401,8 +401,10 @@ def test_each_bad_flag_is_one_usage_error_naming_it_before_any_model_loads(tiny_
 
 def test_eval_py_refuses_bad_numbers_in_one_line_before_scoring(tmp_path, capsys, nothing_loads):
     base = dict(img_root=str(tmp_path), prop="entropy", patch_size=64, size=None, recursive=False, cr_mode="encode",
-                jpeg_quality=95, device="cpu", workers=1, output_csv=None, output_json=None)
+                jpeg_quality=95, device="cpu", workers=1, output_csv=None, output_json=None, bootstrap=0,
+                bootstrap_seed=0)
     for change, message in (({"jpeg_quality": 500}, "--jpeg_quality must be from 1 to 100"),
+                            ({"bootstrap": -1}, "--bootstrap -1"),
                             ({"jpeg_quality": 0}, "--jpeg_quality must be from 1 to 100"),
                             ({"workers": 0}, "--workers must be at least 1"),
                             ({"patch_size": 0}, "--patch_size must be at least 1"),
