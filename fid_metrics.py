@@ -263,7 +263,7 @@ def read_eval_set(json_file, max_samples=None):
     try:
         records, problems = read_metadata(json_file)
     except FileNotFoundError:
-        raise UsageError(f"--json_file {json_file} does not exist: pass e.g. Aesthetic-4K/eval/size_2048/"
+        raise UsageError(f"--json_file {json_file} does not exist: pass e.g. ./data/Aesthetic-4K/eval/size_2048/"
                          f"metadata.jsonl (one JSON object a line with 'file_name' and 'text').") from None
     if problems["metadata_lines"]:  # every prompt counts in the eval protocol: nothing is skipped silently
         raise UsageError(f"{json_file}: {len(problems['metadata_lines'])} unusable line(s), e.g. "

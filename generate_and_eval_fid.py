@@ -257,7 +257,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_path", default=None, help="local diffusers pipeline folder (fine-tuned or stock)")
     parser.add_argument("--model", choices=tuple(MODELS), default="sd3")
     parser.add_argument("--json_file", required=True, help="eval metadata.jsonl (file_name, text), e.g. "
-                        "Aesthetic-4K/eval/size_2048/metadata.jsonl; real images next to it")
+                        "./data/Aesthetic-4K/eval/size_2048/metadata.jsonl; real images next to it")
     parser.add_argument("--size", type=int, default=2048)  # Aesthetic-Eval@2048
     parser.add_argument("--save_path", required=True, help="folder for the images, metrics.json and per_image.csv")
     add_generation_flags(parser)  # every prompt gets a CPU generator seeded with --seed
