@@ -3,6 +3,7 @@
 Before anything runs, the installed packages are compared with requirements.lock (the tested versions): a
 difference is reported at the top of the output, and under CI (CI=true) it stops the run.
 """
+import json
 import os
 from importlib import metadata
 from pathlib import Path
@@ -138,3 +139,24 @@ def photo_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("photos") / "photos"
     make_image_folder(folder, QUICK_MINIATURE["size"])
     return folder
+
+
+def train_in_process(kind, checkpoint, data_dir, output_dir, *flags, cache=None, resolution=128, batch_size=2,
+                     tokens=32, steps=2, checkpointing_steps=1000):
+    """One run of train_<kind>.py in this process (plain accelerate, fp32, CPU), started as a fresh process would
+    start it; returns its train_summary.json."""
+    from accelerate.state import AcceleratorState
+
+    import train_flux
+    import train_sd3
+
+    trainer = {"sd3": train_sd3, "flux": train_flux}[kind]
+    args = ["--pretrained_model_name_or_path", str(checkpoint), "--instance_data_dir", str(data_dir),
+            "--output_dir", str(output_dir), "--resolution", str(resolution), "--train_batch_size", str(batch_size),
+            "--max_sequence_length", str(tokens), "--mixed_precision", "no", "--report_to", "none",
+            "--max_train_steps", str(steps), "--checkpointing_steps", str(checkpointing_steps), *flags]
+    if cache:
+        args += ["--data_cache_dir", str(cache)]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    trainer.main(trainer.parse_args(args))
+    return json.loads((Path(output_dir) / "train_summary.json").read_text())

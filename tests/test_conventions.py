@@ -25,6 +25,7 @@ from skimage import data
 
 import models
 import training
+from conftest import train_in_process
 from fid_metrics import (aesthetic_scores, clip_scores, count_truncated, load_aesthetic_clip, load_aesthetic_head,
                          load_clip_score_model)
 from tiny_models import TINY_OPEN_CLIP_CONFIG, build_tiny_clip_score_model
@@ -290,21 +291,13 @@ FINETUNE_MARGIN = 0.10  # the miniature's own loss may rise by at most 10 % (mea
 
 
 def finetune(kind, pipeline_dir, data_dir, output_dir, cache_dir, precondition):
-    """FINETUNE's steps of the trainer on the photos, in-process (plain accelerate, fp32, CPU), as a user runs it."""
-    from accelerate.state import AcceleratorState
-
-    import train_flux
-    import train_sd3
-
-    trainer = {"sd3": train_sd3, "flux": train_flux}[kind]
-    args = ["--pretrained_model_name_or_path", str(pipeline_dir), "--instance_data_dir", str(data_dir),
-            "--output_dir", str(output_dir), "--data_cache_dir", str(cache_dir), "--resolution", "128",
-            "--train_batch_size", "8", "--cache_latents", "--no-random_flip", "--mixed_precision", "no",
-            "--report_to", "none", "--max_train_steps", str(FINETUNE["steps"]), "--checkpointing_steps", "1000",
-            "--learning_rate", str(FINETUNE["learning_rate"]),
-            "--precondition_outputs" if precondition else "--no-precondition_outputs"]
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts as a fresh process would
-    trainer.main(trainer.parse_args(args))
+    """FINETUNE's steps of the trainer on the photos, in-process (plain accelerate, fp32, CPU), as a user runs it;
+    returns the fine-tuned transformer."""
+    train_in_process(kind, pipeline_dir, data_dir, output_dir, "--cache_latents", "--no-random_flip",
+                     "--learning_rate", str(FINETUNE["learning_rate"]),
+                     "--precondition_outputs" if precondition else "--no-precondition_outputs",
+                     cache=cache_dir, batch_size=8, tokens=models.MODELS[kind].train_max_sequence_length,
+                     steps=FINETUNE["steps"])
     return models.MODELS[kind].transformer_class.from_pretrained(output_dir, subfolder="transformer")
 
 

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import train_in_process
 from accelerate.state import AcceleratorState
 from PIL import Image
 from skimage import data as skdata
@@ -81,16 +82,9 @@ def dataset(tmp_path_factory):
 
 
 def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
-    """One in-process run (plain accelerate, fp32, CPU) at 64x64; returns its train_summary.json."""
-    args = ["--pretrained_model_name_or_path", str(checkpoint), "--instance_data_dir", str(data_dir),
-            "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "1",
-            "--max_sequence_length", "16", "--mixed_precision", "no", "--report_to", "none", "--max_train_steps", "1",
-            "--checkpointing_steps", "1", *flags]
-    if cache:
-        args += ["--data_cache_dir", str(cache)]
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts as a fresh process would
-    TRAINERS[kind].main(TRAINERS[kind].parse_args(args))
-    return json.loads((Path(output_dir) / "train_summary.json").read_text())
+    """One in-process run (plain accelerate, fp32, CPU) at 64x64, one step checkpointed; returns train_summary.json."""
+    return train_in_process(kind, checkpoint, data_dir, output_dir, *flags, cache=cache, resolution=64, batch_size=1,
+                            tokens=16, steps=1, checkpointing_steps=1)
 
 
 #################################################################################

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import train_in_process
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
@@ -64,16 +64,8 @@ def cache_dir(tmp_path_factory):
 
 
 def train(kind, checkpoint, data_dir, output_dir, *flags, cache=None):
-    """One in-process run (plain accelerate, fp32, CPU) at 128x128; returns its train_summary.json."""
-    args = ["--pretrained_model_name_or_path", str(checkpoint), "--instance_data_dir", str(data_dir),
-            "--output_dir", str(output_dir), "--resolution", "128", "--train_batch_size", "2",
-            "--max_sequence_length", "32", "--mixed_precision", "no", "--report_to", "none", "--max_train_steps", "2",
-            "--checkpointing_steps", "1000", *flags]
-    if cache:
-        args += ["--data_cache_dir", str(cache)]
-    AcceleratorState._reset_state(reset_partial_state=True)  # each run starts as a fresh process would
-    TRAINERS[kind].main(TRAINERS[kind].parse_args(args))
-    return json.loads((Path(output_dir) / "train_summary.json").read_text())
+    """One in-process run (plain accelerate, fp32, CPU) at 128x128, 2 steps; returns its train_summary.json."""
+    return train_in_process(kind, checkpoint, data_dir, output_dir, *flags, cache=cache)
 
 
 def launch_deepspeed(script, *flags):
