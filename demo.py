@@ -334,8 +334,8 @@ def main(args):
         cells = [(photos_dir / f"{name}.png", "original")]
         cells += [(recon[name][k][0], f"{label} {recon[name][k][1]:.1f} dB")
                   for k, label in (("f8", "F=8"), ("f16", "F=16"), ("f8_half", "F=8 half"))]
-        cells += [(samples[g][name], f"{g.split('-')[-1][:8]} {summary['samples'][g]['per_photo'][name]['psnr']:.1f} dB")
-                  for g in SHEET_SAMPLES]
+        cells += [(samples[g][name], f"{g.split('-')[-1][:8]} {summary['samples'][g]['per_photo'][name]['psnr']:.1f}"
+                                     f" dB") for g in SHEET_SAMPLES]
         rows.append((name, cells))
     columns = ["photo", "F=8 recon", "F=16 recon", "F=8 of 1/2, up", "SD3 before", "SD3 after WLF", "Flux before",
                "Flux after WLF"]

@@ -203,7 +203,8 @@ def run(args):
     features_path = Path(f"{csv_path}.fid_features.npz")  # per-image Inception features, for rFID's interval
 
     # Load models (weight files first, so a missing one fails before any work):
-    lpips_metric = load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, device) if "lpips" in metrics else None
+    lpips_metric = (load_lpips(args.lpips_net, args.lpips_backbone, args.lpips_heads, device) if "lpips" in metrics
+                    else None)
     fid = None
     if "rfid" in metrics:
         check_metric_files({"inception_weights": args.inception_weights})

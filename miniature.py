@@ -10,9 +10,9 @@ flow on the photos' F=16 latents (the VAE converted by `make_f16_vae`, no weight
 pipeline's own tiny text encoders on each photo's caption. Each transformer is called exactly as its stock pipeline
 calls it (SD3: timestep 1000 sigma; Flux: 2 x 2 packed latents with their image ids, timestep sigma, guidance
 embedding 3.5), written here independently of the trainer, so that the trainer's conventions can be tested against a
-model that learned the pipelines' ones (tests/test_conventions.py). Fixed step counts, not time budgets: the same machine
-with the same torch thread count builds the same model bit for bit; another thread count or CPU sums in another
-order and builds a slightly different one (about 1 dB apart in reconstruction PSNR, README).
+model that learned the pipelines' ones (tests/test_conventions.py). Fixed step counts, not time budgets: the same
+machine with the same torch thread count builds the same model bit for bit; another thread count or CPU sums in
+another order and builds a slightly different one (about 1 dB apart in reconstruction PSNR, README).
 """
 import argparse
 import copy
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from PIL import Image
 
@@ -245,7 +246,7 @@ def train_transformer(transformer, forward, latent_dist, text, shift, scale, ste
 def heldout_loss(transformer, forward, latent_dist, text, shift, scale, sigmas, seed, target="velocity"):
     """The miniature's own flow-matching loss at the given `sigmas` (one row of noise per sigma, each photo at each):
     mean (v_hat - (eps - x0))^2, or with target="x0" mean (x0_hat - x0)^2 = sigma^2 (v_hat - v)^2, for fresh draws
-    of the posterior and the noise from `seed`. Returns (mean, per-sigma means)."""
+    of the posterior and the noise from `seed`; the mean over the sigmas."""
     generator = torch.Generator().manual_seed(seed)
     per_sigma = []
     for sigma in sigmas.tolist():
@@ -255,7 +256,7 @@ def heldout_loss(transformer, forward, latent_dist, text, shift, scale, sigmas, 
         noisy = (1 - sigma) * x0 + sigma * noise
         error = (forward(transformer, noisy, t, text) - (noise - x0)) ** 2
         per_sigma.append((error * (sigma ** 2 if target == "x0" else 1.0)).mean().item())
-    return float(np.mean(per_sigma)), per_sigma
+    return float(np.mean(per_sigma))
 
 
 #################################################################################
@@ -344,10 +345,9 @@ def encode_flux_captions(pipe, captions):
 
 def flux_timestep_shift(scheduler_config, size):
     """exp(mu): the shift FluxPipeline's resolution-dependent schedule gives a size x size image (F=16, 2 x 2)."""
-    tokens = (size // 32) ** 2
     c = scheduler_config
-    slope = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
-    return float(np.exp(c["base_shift"] + slope * (tokens - c["base_image_seq_len"])))
+    return float(np.exp(calculate_shift((size // 32) ** 2, c["base_image_seq_len"], c["max_image_seq_len"],
+                                        c["base_shift"], c["max_shift"])))
 
 
 def flux_settings(sd3_dir, transformer_steps, seed):

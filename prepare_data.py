@@ -69,7 +69,8 @@ def read_imagefolder(root):
 def read_parquet(root, image_column, caption_column):
     """(items, orphans, problems) of a folder of Parquet shards: one item per row of each readable shard."""
     records, problems = ps.list_rows(root, image_column, caption_column)
-    items = [{"name": f"{r['parquet_file'].relative_to(root).as_posix()}#{r['row']}", "parquet_file": str(r["parquet_file"]),
+    items = [{"name": f"{r['parquet_file'].relative_to(root).as_posix()}#{r['row']}",
+              "parquet_file": str(r["parquet_file"]),
               "row": r["row"], "text": r["text"], "caption_problem": r.get("caption_problem")} for r in records]
     return items, [], problems
 
@@ -322,7 +323,8 @@ def write_filter_outputs(out, items, problems, results, args):
         for name in failed:
             report["failed"][name] = report["failed"].get(name, 0) + 1
         if not failed:
-            lines.append(json.dumps({**pointer(item, out, args.image_column), "text": item["text"]}, ensure_ascii=False))
+            lines.append(json.dumps({**pointer(item, out, args.image_column), "text": item["text"]},
+                                    ensure_ascii=False))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS)
     writer.writeheader()
@@ -382,7 +384,8 @@ def main(args):
     else:
         out = Path(args.out).resolve()
         if out == data_dir or data_dir in out.parents:
-            raise UsageError(f"--out {args.out} is inside DATA_DIR: the input is never written to; pick another folder.")
+            raise UsageError(f"--out {args.out} is inside DATA_DIR: the input is never written to; pick another "
+                             f"folder.")
         work = out / ".prepare"
     index, count = args.shard
     label = "--out_json" if args.command == "verify" else "--out"

@@ -720,7 +720,8 @@ class DataProblems:
                 "problems": {kind: items[:MAX_LISTED] for kind, items in lists.items()}}
 
 
-def read_training_data(data_dir, image_column=parquet_shards.IMAGE_COLUMN, caption_column=parquet_shards.CAPTION_COLUMN):
+def read_training_data(data_dir, image_column=parquet_shards.IMAGE_COLUMN,
+                       caption_column=parquet_shards.CAPTION_COLUMN):
     """The usable records of `data_dir` (--instance_data_dir: an imagefolder, or a folder of Parquet shards read in
     place) and the DataProblems of the others."""
     if parquet_shards.is_parquet_folder(data_dir):
@@ -758,7 +759,8 @@ def assign_buckets(records, data_dir, sizes, problems):
         raise UsageError(f"None of the images in {data_dir} can be read.")
     counts = {}
     for record in kept:
-        counts[f"{record['size'][0]}x{record['size'][1]}"] = counts.get(f"{record['size'][0]}x{record['size'][1]}", 0) + 1
+        name = f"{record['size'][0]}x{record['size'][1]}"
+        counts[name] = counts.get(name, 0) + 1
     return kept, dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
@@ -923,7 +925,8 @@ def fine_tune(args, spec, lora_config):
     world_batches = args.gradient_accumulation_steps * accelerator.num_processes
     if buckets:  # each global batch from one bucket
         sampler = BucketSampler([r["size"] for r in records], args.train_batch_size, args.seed,
-                                accelerator.process_index, accelerator.num_processes, start_batch=start_step * world_batches)
+                                accelerator.process_index, accelerator.num_processes,
+                                start_batch=start_step * world_batches)
     else:
         sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
                                 accelerator.num_processes, start_batch=start_step * world_batches)

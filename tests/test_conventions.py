@@ -241,7 +241,7 @@ def miniature_loss(kind, pipeline_dir, transformer, target):
     text = encode(pipe, list(miniature.PHOTOS.values()))
     return miniature.heldout_loss(transformer.eval(), miniature.FORWARD[kind], miniature.f16_latents(vae, 128), text,
                                   vae.config.shift_factor, vae.config.scaling_factor, sigma_grid(kind), seed=100,
-                                  target=target)[0]
+                                  target=target)
 
 
 def mean_trainer_loss(kind, pipeline_dir, transformer, precondition, draws=64):
@@ -364,7 +364,8 @@ def test_fid_equals_torch_fidelitys_features_and_the_frechet_formula_and_not_the
 
     real, fake = metric_photos(8), metric_photos(8, offset=8)
     weights = metric_files["inception_weights"]
-    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    extractor = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                           feature_extractor_weights_path=str(weights))
     with torch.no_grad():
         features = [extractor(torch.stack([to_uint8_tensor(p) for p in photos]))[0].numpy()
                     for photos in (real, fake)]

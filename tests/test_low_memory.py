@@ -1,4 +1,5 @@
-"""low_memory.py: each memory saving gives the plain run's image (or a stated tolerance), or a clear error on the CPU."""
+"""low_memory.py: each memory saving gives the plain run's image (or a stated tolerance), or a clear error on the
+CPU."""
 import json
 import re
 
