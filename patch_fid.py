@@ -2,8 +2,9 @@
 
 Crops: `patches_per_image` boxes of patch_size × patch_size per image, placed uniformly at random over the whole
 image at its own resolution (no resize before cropping), from a generator seeded with (seed, image index), so a
-seed gives the same boxes on every run and every machine. Each crop then goes through the same Inception (its
-resize to 299) as the whole-image FID. PROTOCOL.md §6 names the source of the definition and its defaults.
+seed gives the same boxes on every run and every machine. Each crop then goes through the same Inception as the
+whole-image FID (at the default 299² crop its resize to 299 is the identity). PROTOCOL.md §6 names the source of
+the definition and its defaults.
 """
 import os
 from contextlib import contextmanager
@@ -17,8 +18,10 @@ from errors import UsageError
 from fid_metrics import to_uint8_tensor
 from imagefolder import load_image
 
-PATCH_SIZE = 1024  # the base resolution of the models the 4K papers extend (PROTOCOL.md §6)
-PATCHES_PER_IMAGE = 1
+# UltraPixel's FID-patch as its authors state it (PROTOCOL.md §6): crops the size of the feature extractor's input
+# (Inception v3: 299, so a crop reaches Inception at 1:1), three per image.
+PATCH_SIZE = 299
+PATCHES_PER_IMAGE = 3
 PATCH_SEED = 0
 FEATURES_FILE = "features.npz"
 

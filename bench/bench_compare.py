@@ -3,6 +3,7 @@ run timed (per-image GLCM + CR, statistics, report) and extrapolated linearly to
 and the FID bootstrap alone on --fid_images × 2048 features, against one scipy Fréchet distance in the same run.
 
     python -m bench.bench_compare [--images 60] [--size 2048] [--target 2000] [--root /tmp/bench_compare]
+    python -m bench.bench_compare --images 2000 --distinct 100      # the full size, ≈ 4 GB of disk
 """
 import argparse
 import json
@@ -22,15 +23,22 @@ import compare
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
 
-def make_folders(root, n, size, seed=0):
-    """Folders a, b (a blurred by bicubic down/up-sampling), c (fresh noise); returns their paths."""
+def make_folders(root, n, size, distinct=None, seed=0):
+    """Folders a, b (a blurred by bicubic down/up-sampling), c (fresh noise); returns their paths. With `distinct`
+    below n, image i of a folder is a hard link to its image i % distinct: n names, every one read, decoded and
+    measured by compare.py, from `distinct` files' worth of disk."""
     rng = np.random.default_rng(seed)
     folders = [Path(root) / name for name in ("a", "b", "c")]
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     bases = [np.asarray(Image.fromarray(getattr(data, p)()).convert("RGB").resize((size, size), Image.BICUBIC),
                         dtype=np.int16) for p in PHOTOS]
+    distinct = n if distinct is None else min(distinct, n)
     for i in range(n):
+        if i >= distinct:
+            for folder in folders:
+                os.link(folder / f"{i % distinct:05d}.png", folder / f"{i:05d}.png")
+            continue
         base = bases[i % len(bases)]
         for k, folder in enumerate(folders):
             noisy = np.clip(base + rng.integers(-24, 25, base.shape), 0, 255).astype(np.uint8)
@@ -61,8 +69,9 @@ def main(args):
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
-    folders = make_folders(root, args.images, args.size)
+    folders = make_folders(root, args.images, args.size, args.distinct)
     print(json.dumps({"stage": "make_images", "folders": 3, "images": args.images, "size": args.size,
+                      "distinct_files_per_folder": min(args.distinct or args.images, args.images),
                       "seconds": round(time.perf_counter() - start, 1)}))
     start = time.perf_counter()
     compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(root / "out"),
@@ -90,6 +99,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=60, help="images per folder actually measured")
     parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--distinct", type=int, default=None,
+                        help="distinct image files per folder (the rest are hard links to them; default: all)")
     parser.add_argument("--target", type=int, default=2000, help="images per folder the time is extrapolated to")
     parser.add_argument("--fid_images", type=int, default=2000, help="images per side of the FID bootstrap timing")
     parser.add_argument("--bootstrap", type=int, default=bootstrap.DEFAULT_RESAMPLES)

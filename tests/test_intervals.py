@@ -133,6 +133,14 @@ def test_unknown_metric_is_a_usage_error(eval_folder, tmp_path):
         eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1"))[1])
 
 
+def test_patch_fid_defaults_are_ultrapixels_protocol():
+    """UltraPixel's authors: crops the size of the FID extractor's input (Inception v3: 299), three per image."""
+    args = eval_fid_args(["--json_file", "m.jsonl", "--save_path", "out"])[1]
+    assert (args.patch_size, args.patches_per_image, args.patch_seed) == (299, 3, 0)
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    assert args.patch_size == FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE  # the FID extractor's input, 1:1
+
+
 def test_patch_fid_alone_is_deterministic_per_seed(eval_folder, tmp_path):
     def patch_run(name, seed):
         argv = eval_folder(tmp_path / name, "--metrics", "patch_fid", "--patch_size", "40", "--patch_seed", seed,
