@@ -23,9 +23,10 @@ from errors import UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
 from patch_fid import load_features, recorded_features, save_features
-from reconstruction import (EVAL_MODES, F8_MODES, LPIPS_BACKBONES, factor_of_mode, load_lpips, load_vae, lpips_distance,
-                            pixel_metrics, reconstruct)
+from partitioned_vae import VAE_MODES, is_f16_vae, load_vae
+from reconstruction import LPIPS_BACKBONES, load_lpips, lpips_distance, pixel_metrics, reconstruct
 
+EVAL_MODES = tuple(VAE_MODES)  # every mode reconstructs (f8_half only here)
 METRICS = ("nmse", "nrmse", "psnr", "ssim", "lpips", "rfid")
 PIXEL_METRICS = ("nmse", "nrmse", "psnr", "ssim")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -180,7 +181,7 @@ def main(args):
     """Check every flag, hold --output_json for this run, then evaluate (`run`)."""
     check_metrics(args.metrics)
     check_at_least(0, bootstrap=args.bootstrap)
-    factor = factor_of_mode(args.vae_mode)
+    factor = VAE_MODES[args.vae_mode or "partitioned"].factor
     if args.size % factor or args.size <= 16:
         raise UsageError(f"--size {args.size}: --vae_mode {args.vae_mode or 'partitioned'} needs a multiple of "
                          f"{factor} above 16.")
@@ -210,7 +211,7 @@ def run(args):
         check_metric_files({"inception_weights": args.inception_weights})
         fid = load_fid(args.inception_weights, device, args.fid_feature)
     vae = load_vae(args.vae, args.vae_mode, args.grid, DTYPES[args.dtype]).to(device).eval()
-    f16 = vae.config.get("f16_vae") if args.vae_mode not in F8_MODES else None
+    f16 = vae.config.get("f16_vae") if is_f16_vae(vae) else None
     mode, grid = (f16["mode"], f16["grid"]) if f16 else (args.vae_mode, None)
     settings = {"vae": str(Path(args.vae).resolve()), "vae_mode": mode, "grid": grid,
                 "data_dir": str(Path(args.data_dir).resolve()), "size": args.size, "metrics": list(metrics),

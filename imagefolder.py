@@ -96,24 +96,32 @@ def parquet_row_entry(entry, folder, number, bad_lines, missing):
     return None
 
 
-def list_images(data_dir, label, suffixes=None):
-    """(paths, problems) of a folder of images: an imagefolder's listed images (its metadata.jsonl; `text` may be
-    empty, as in SA-1B's) with its skipped lines as problems, else every file below it (not hidden ones; with
-    `suffixes`, only names ending in one of them). `label` names the folder in errors (e.g. "--data_dir PATH")."""
+def find_images(data_dir, label, suffixes=None):
+    """(paths, found) of a folder of images: an imagefolder's listed images (its metadata.jsonl; `text` may be empty,
+    as in SA-1B's) with its skipped lines in found ({"metadata_lines", "missing_images"}, read_metadata's), else every
+    file below it (not hidden ones; with `suffixes`, only names ending in one of them). `label` names the folder in
+    errors (e.g. "--data_dir PATH")."""
     root = Path(data_dir)
     if not root.is_dir():
         raise UsageError(f"{label} is not a folder: pass an imagefolder (metadata.jsonl + images) or a folder of "
                          f"images.")
-    problems = []
+    found = {"metadata_lines": [], "missing_images": []}
     if (root / "metadata.jsonl").is_file():
-        records, bad = read_metadata(root, require_text=False)
-        paths, problems = [r["image"] for r in records], bad["metadata_lines"] + bad["missing_images"]
+        records, found = read_metadata(root, require_text=False)
+        paths = [r["image"] for r in records]
     else:
         paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
                        and (suffixes is None or p.suffix.lower() in suffixes))
     if not paths:
+        problems = found["metadata_lines"] + found["missing_images"]
         raise UsageError(f"{label} holds no images ({'; '.join(problems[:3]) or 'no image files'}).")
-    return paths, problems
+    return paths, found
+
+
+def list_images(data_dir, label, suffixes=None):
+    """(paths, problems): find_images with the skipped lines in one list."""
+    paths, found = find_images(data_dir, label, suffixes)
+    return paths, found["metadata_lines"] + found["missing_images"]
 
 
 def load_image(path):
@@ -145,6 +153,20 @@ def crop_pixels(image, resolution, rng=None, flip=False):
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def is_upscaled(image, size):
+    """Whether covering `size` (a square side, or (width, height)) scales the image up."""
+    width, height = (size, size) if isinstance(size, int) else size
+    return image.width < width or image.height < height
+
+
+def collate(samples):
+    """Stack the tensors of a list of samples; concatenate their problem lists ("unreadable", "upscaled")."""
+    batch = {key: torch.stack([s[key] for s in samples]) for key, value in samples[0].items() if torch.is_tensor(value)}
+    for key in ("unreadable", "upscaled"):
+        batch[key] = [item for s in samples for item in s[key]]
+    return batch
 
 
 class KeyedImages(Dataset, abc.ABC):

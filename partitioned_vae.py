@@ -12,6 +12,7 @@ or as the authors' partitioned decoder computes it:
 import json
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,10 +23,33 @@ from diffusers.image_processor import VaeImageProcessor
 
 from errors import UsageError
 
-MODES = ("full", "partitioned", "subpixel")  # the exact forms: all give conv(up2(x))
-AUTHORS_MODE = "authors"
-DECODE_MODES = MODES + (AUTHORS_MODE,)  # every F=16 decode
-VAE_MODES = ("f8",) + DECODE_MODES  # the scripts' --vae_mode: the stock F=8 VAE or an F=16 decode
+
+@dataclass(frozen=True)
+class VaeMode:
+    """One --vae_mode: the pixels a latent covers per side (of the image given), whether the F=16 VAE decodes it (a
+    PartitionedConv mode of the same name; else the stock F=8 VAE), whether it is exact (the pretrained computation;
+    else the authors' one-pixel crop), the tag it adds to output file names (modes giving the same image share it),
+    and whether the generation scripts offer it (else only eval_vae.py's reconstructions)."""
+    factor: int
+    f16: bool
+    exact: bool
+    tag: str
+    generates: bool = True
+
+
+# Every script's --vae_mode choices come from this table (PROTOCOL.md §2).
+VAE_MODES = {
+    "f8": VaeMode(8, f16=False, exact=True, tag="-f8"),  # the stock VAE, the paper's baseline
+    "f8_half": VaeMode(16, f16=False, exact=True, tag="-f8_half", generates=False),  # it on the image shrunk by 2
+    "full": VaeMode(16, f16=True, exact=True, tag=""),
+    "partitioned": VaeMode(16, f16=True, exact=True, tag=""),
+    "subpixel": VaeMode(16, f16=True, exact=True, tag=""),
+    "authors": VaeMode(16, f16=True, exact=False, tag="-authors"),  # their SC-VAE checkpoint flux_wavelet_v2_sc
+}
+MODES = tuple(name for name, mode in VAE_MODES.items() if mode.f16 and mode.exact)  # all give conv(up2(x))
+DECODE_MODES = tuple(name for name, mode in VAE_MODES.items() if mode.f16)  # every F=16 decode (train_sc_vae.py)
+GENERATION_MODES = tuple(name for name, mode in VAE_MODES.items() if mode.generates)  # test_sd3.py, test_flux.py, ...
+
 SIZE_MULTIPLE = 32  # F=16 latents, then 2x2 patches (SD3 patch_size 2, Flux 2x2 packing)
 WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
@@ -128,7 +152,7 @@ class PartitionedConv(nn.Conv2d):
             return full_upsample_conv(x, self.weight, self.bias)
         if self.mode == "partitioned":
             return partitioned_upsample_conv(x, self.weight, self.bias, self.grid)
-        if self.mode == AUTHORS_MODE:
+        if self.mode == "authors":
             return authors_upsample_conv(x, self.weight, self.bias, self.grid)
         return subpixel_upsample_conv(x, self.weight, self.bias)
 
@@ -246,6 +270,19 @@ def find_vae_dir(pretrained_dir_or_pipeline_dir, subfolder="vae"):
     raise FileNotFoundError(
         f"No VAE config.json in {' or '.join(str(c) for c in candidates)}: pass a diffusers VAE folder or a pipeline "
         f"folder with a '{subfolder}' subfolder.")
+
+
+def load_vae(path, mode=None, grid=None, torch_dtype=None, flag="--vae"):
+    """The one VAE loader of the scripts: the AutoencoderKL of a VAE folder or pipeline folder (its vae/), the stock
+    F=8 one for an F=8 --vae_mode (VAE_MODES: f8, f8_half), else F=16 decoding in `mode` on `grid` (load_f16_vae:
+    None takes what a saved F=16 VAE recorded, else partitioned, 2). A missing file is a UsageError naming `flag`."""
+    try:
+        if mode is not None and not VAE_MODES[mode].f16:
+            with quiet_config_warning():
+                return AutoencoderKL.from_pretrained(find_vae_dir(path), torch_dtype=torch_dtype)
+        return load_f16_vae(path, mode=mode, grid=grid, torch_dtype=torch_dtype)
+    except FileNotFoundError as error:
+        raise UsageError(f"{flag}: {error}") from None
 
 
 def load_f16_vae(pretrained_dir_or_pipeline_dir, subfolder="vae", mode=None, grid=None, torch_dtype=None):

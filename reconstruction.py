@@ -16,14 +16,11 @@ import lpips
 import torch
 from accelerate import init_empty_weights
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from errors import UsageError
-from partitioned_vae import DECODE_MODES, find_vae_dir, load_f16_vae, quiet_config_warning
+from partitioned_vae import VAE_MODES, vae_factor
 
-F8_MODES = ("f8", "f8_half")  # the stock VAE: as is, or on the image shrunk by 2 and enlarged back
-EVAL_MODES = F8_MODES + DECODE_MODES
 SSIM_SIGMA, SSIM_RADIUS = 1.5, 5  # scikit-image's Gaussian window: radius int(3.5 sigma + 0.5), 11 taps
 # torchvision's ImageNet backbones that LPIPS v0.1 was calibrated on (nothing is downloaded at run time).
 LPIPS_BACKBONES = {
@@ -37,25 +34,6 @@ LPIPS_BACKBONES = {
 #                                   VAE modes                                   #
 #################################################################################
 
-def factor_of_mode(mode):
-    """How many pixels one latent covers in each direction: 8 (f8), 16 (f8_half and every F=16 decode)."""
-    return 8 if mode == "f8" else 16
-
-
-def load_vae(path, mode, grid=None, torch_dtype=None):
-    """The VAE of a VAE folder or pipeline folder, as F=8 (f8, f8_half) or F=16 decoding in `mode` on `grid`.
-
-    mode / grid None: the F=16 decode the folder recorded (a saved F=16 VAE, e.g. an SC-VAE), else partitioned, 2.
-    """
-    try:
-        if mode in F8_MODES:
-            with quiet_config_warning():
-                return AutoencoderKL.from_pretrained(find_vae_dir(path), torch_dtype=torch_dtype)
-        return load_f16_vae(path, mode=mode, grid=grid, torch_dtype=torch_dtype)
-    except FileNotFoundError as error:
-        raise UsageError(f"--vae: {error}") from None
-
-
 @torch.no_grad()
 def vae_round_trip(vae, x):
     """decode(posterior mean of encode(x)) clamped, for x in [0, 1] (B, 3, H, W); returns [0, 1] in x's dtype."""
@@ -65,11 +43,12 @@ def vae_round_trip(vae, x):
 
 
 def reconstruct(vae, x, mode):
-    """The reconstruction of x in [0, 1] by a VAE loaded with `load_vae(..., mode)`.
+    """The reconstruction of x in [0, 1] by a VAE loaded with `partitioned_vae.load_vae(..., mode)`.
 
-    f8_half: the image shrunk by 2 (bilinear, antialiased), the F=8 round trip, enlarged back (bicubic) and clamped.
+    A mode whose factor is twice the VAE's (f8_half: the stock VAE at F=16): the image shrunk by 2 (bilinear,
+    antialiased), the round trip, enlarged back (bicubic) and clamped.
     """
-    if mode != "f8_half":
+    if VAE_MODES[mode].factor == vae_factor(vae):
         return vae_round_trip(vae, x)
     small = F.interpolate(x, scale_factor=0.5, mode="bilinear", antialias=True, align_corners=False)
     return F.interpolate(vae_round_trip(vae, small), size=x.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)

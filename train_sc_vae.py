@@ -10,11 +10,7 @@ weights (--use_ema) as a diffusers VAE folder that partitioned_vae.load_f16_vae 
 """
 import argparse
 import copy
-import json
-import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,31 +19,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from diffusers import AutoencoderKL
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import checkpoints
 import outputs
-import training
+from accelerated import DataProblems, add_run_flags, make_accelerator, step_generator
+from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
+                         save_checkpoint)
 from errors import UsageError, check_at_least, exit_on_usage_error
-from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, crop_pixels, list_images, load_image
-from partitioned_vae import DECODE_MODES, find_vae_dir, make_f16_vae, quiet_config_warning
+from imagefolder import (IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, collate, crop_pixels, find_images,
+                         is_upscaled, list_images, load_image)
+from partitioned_vae import DECODE_MODES, load_vae, make_f16_vae
 from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
-from training import (CHECKPOINT_PREFIX, check_output_dir, clear_run, find_checkpoint, holds_run, list_checkpoints,
-                      run_settings)
 
 logger = get_logger(__name__)
 
 MAX_ADAPTIVE_WEIGHT = 1e4
 RUN_FILES = ("train_summary.json", "vae")  # with checkpoint-N folders: what an earlier run leaves in --output_dir
-# Flags a resume may change (training.EXTENDING_FLAGS, and these): every other flag defines the run.
-EXTENDING_FLAGS = training.EXTENDING_FLAGS | {"num_train_epochs", "validation_data_dir"}
+# Flags a resume may change (checkpoints.EXTENDING_FLAGS, and these): every other flag defines the run.
+EXTENDING_FLAGS = checkpoints.EXTENDING_FLAGS | {"num_train_epochs", "validation_data_dir"}
 
 
 #################################################################################
@@ -55,20 +51,20 @@ EXTENDING_FLAGS = training.EXTENDING_FLAGS | {"num_train_epochs", "validation_da
 #################################################################################
 
 class TrainImages(KeyedImages):
-    """Random crops of the image files, keyed by (epoch, index) (imagefolder.KeyedImages)."""
+    """Random crops of the image files, keyed by (epoch, index) (imagefolder.KeyedImages). Images smaller than the
+    resolution (up-scaled) are listed under "upscaled"; images are named relative to `root`, as in metadata.jsonl."""
 
-    def __init__(self, paths, resolution, random_flip, seed):
+    def __init__(self, paths, root, resolution, random_flip, seed):
         super().__init__(paths, random_flip, seed)
-        self.resolution = resolution
+        self.root, self.resolution = Path(root), resolution
+
+    def name(self, path):
+        return Path(path).relative_to(self.root).as_posix()
 
     def read(self, path, flip, rng):
-        return {"pixels": crop_pixels(load_image(path), self.resolution, rng, flip)}
-
-
-def collate(samples):
-    """Stack the pixels; concatenate the lists of unreadable images."""
-    return {"pixels": torch.stack([s["pixels"] for s in samples]),
-            "unreadable": [item for s in samples for item in s["unreadable"]]}
+        image = load_image(path)
+        upscaled = [self.name(path)] if is_upscaled(image, self.resolution) else []
+        return {"pixels": crop_pixels(image, self.resolution, rng, flip), "upscaled": upscaled}
 
 
 class Discriminator(nn.Module):
@@ -91,15 +87,10 @@ class Discriminator(nn.Module):
 
 def load_vaes(pretrained, vae_mode, grid=2):
     """(teacher, student): the F=8 VAE frozen, and its F=16 copy decoding in `vae_mode` with only the decoder trainable."""
-    try:
-        vae_dir = find_vae_dir(pretrained)
-    except FileNotFoundError as error:
-        raise UsageError(f"--pretrained_model_name_or_path: {error}") from None
-    with quiet_config_warning():
-        teacher = AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch.float32)
+    teacher = load_vae(pretrained, "f8", torch_dtype=torch.float32, flag="--pretrained_model_name_or_path")
     if teacher.config.get("f16_vae"):
-        raise UsageError(f"{vae_dir} is an F=16 VAE (its config has 'f16_vae'); the teacher must be the pretrained "
-                         f"F=8 VAE: pass the stock VAE or pipeline folder.")
+        raise UsageError(f"--pretrained_model_name_or_path {pretrained} is an F=16 VAE (its config has 'f16_vae'); the "
+                         f"teacher must be the pretrained F=8 VAE: pass the stock VAE or pipeline folder.")
     student = make_f16_vae(copy.deepcopy(teacher), vae_mode, grid)
     teacher.requires_grad_(False).eval()
     student.requires_grad_(False)
@@ -173,21 +164,6 @@ def discriminator_losses(discriminator, x, x_hat, gp_weight=10.0):
 #                          Checkpoints, validation, output                      #
 #################################################################################
 
-def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None):
-    """accelerator.save_state into checkpoint-N.tmp, rename it to checkpoint-N, then remove the oldest beyond the limit."""
-    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        outputs.write_json(tmp / "trainer_state.json", trainer_state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for _, path in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
-            shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved {final}")
-
-
 @torch.no_grad()
 def log_validation(accelerator, vae, images, output_dir, step):
     """Reconstruct the validation images (posterior mean); log PSNR / SSIM and originals | reconstructions."""
@@ -229,11 +205,6 @@ def validation_images(args, train_paths):
 #################################################################################
 #                                  Training loop                                #
 #################################################################################
-
-def step_generator(seed, step, micro_step, rank):
-    """The CPU generator of one micro-step's posterior samples: a function of the step only (exact resume)."""
-    return torch.Generator().manual_seed(int(np.random.default_rng([seed, step, micro_step, rank]).integers(2**62)))
-
 
 def check_args(args):
     """UsageError for flags out of range or that cannot work together."""
@@ -299,8 +270,9 @@ def create_models(args, accelerator, max_steps):
     return models
 
 
-def optimiser_step(models, data, step, args, accelerator):
-    """One generator step (even `step`, or every step without a discriminator) or discriminator step; its logs."""
+def optimiser_step(models, data, problems, step, args, accelerator):
+    """One generator step (even `step`, or every step without a discriminator) or discriminator step; its logs. The
+    batches' unreadable and up-scaled images go to `problems` (accelerated.DataProblems)."""
     train_d = models.discriminator is not None and step % 2 == 1
     model, optimizer, scheduler = ((models.discriminator, models.d_optimizer, models.d_scheduler) if train_d
                                    else (models.student, models.optimizer, models.scheduler))
@@ -308,12 +280,12 @@ def optimiser_step(models, data, step, args, accelerator):
         vae_module(models.discriminator).requires_grad_(train_d)
     student, discriminator = vae_module(models.student), vae_module(models.discriminator)
     scales = (args.lpips_scale, args.gen_scale, args.sc_scale)
-    logs, skipped = {}, []
+    logs = {}
     for micro_step in range(args.gradient_accumulation_steps):
         batch = next(data)
-        skipped += batch["unreadable"]
+        problems.note(batch)
         x = batch["pixels"].to(accelerator.device)
-        generator = step_generator(args.seed, step, micro_step, accelerator.process_index)
+        generator = step_generator(args.seed, step, micro_step, accelerator.process_index, "cpu")
         with accelerator.accumulate(model):
             if train_d:
                 with torch.no_grad():
@@ -336,7 +308,7 @@ def optimiser_step(models, data, step, args, accelerator):
     if models.ema is not None and not train_d:
         models.ema.step(student.decoder.parameters())
     logs = {("d_" if train_d else "g_") + name: value for name, value in logs.items()}
-    return {**logs, "lr": scheduler.get_last_lr()[0]}, skipped
+    return {**logs, "lr": scheduler.get_last_lr()[0]}
 
 
 def main(args):
@@ -349,20 +321,18 @@ def main(args):
 
 def fine_tune(args):
     """Train the decoder (main's checks passed); save OUTPUT_DIR/vae and train_summary.json; return the summary."""
+    # Setup (one job of the launched processes, or none; precision: the flag, the authors' fp32 by default):
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")))
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
     if args.overwrite_output_dir and accelerator.is_main_process and holds_run(output_dir, RUN_FILES):
         clear_run(output_dir)
     accelerator.wait_for_everyone()
     set_seed(args.seed)
 
     # Setup data:
-    paths, problems = list_images(args.train_data_dir, f"--train_data_dir {args.train_data_dir}", IMAGE_SUFFIXES)
-    dataset = TrainImages(paths, args.resolution, args.random_flip, args.seed)
+    paths, found = find_images(args.train_data_dir, f"--train_data_dir {args.train_data_dir}", IMAGE_SUFFIXES)
+    problems = DataProblems(found)
+    dataset = TrainImages(paths, args.train_data_dir, args.resolution, args.random_flip, args.seed)
     world_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
     max_steps = args.max_train_steps or args.num_train_epochs * math.ceil(len(dataset) / world_batch)
     val_images = validation_images(args, paths)
@@ -371,13 +341,7 @@ def fine_tune(args):
     models = create_models(args, accelerator, max_steps)
 
     # Resume (models, optimisers, schedules, EMA from accelerate; data and posterior noise follow from the step):
-    start_step, skipped = 0, set()
-    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        start_step, skipped = state["global_step"], set(state["skipped_images"])
-        logger.info(f"Resumed from {checkpoint} at step {start_step}")
+    start_step = resume(accelerator, output_dir, args.resume_from_checkpoint, problems)
     sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
                             accelerator.num_processes, start_batch=start_step * world_batch // args.train_batch_size)
     data = iter(DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
@@ -390,14 +354,13 @@ def fine_tune(args):
     losses, started = [], time.time()
     progress = tqdm(total=max_steps, initial=start_step, desc="Steps", disable=not accelerator.is_local_main_process)
     for step in range(start_step, max_steps):
-        logs, unreadable = optimiser_step(models, data, step, args, accelerator)
-        skipped.update(unreadable)
+        logs = optimiser_step(models, data, problems, step, args, accelerator)
         losses.append({"step": step + 1, **{k: v for k, v in logs.items() if k != "lr"}})
         progress.update(1)
         progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.endswith("loss")})
         accelerator.log(logs, step=step + 1)
         if (step + 1) % args.checkpointing_steps == 0:
-            state = {"global_step": step + 1, "skipped_images": gather_union(skipped), "settings": run_settings(args)}
+            state = {"global_step": step + 1, **problems.gather(), "settings": run_settings(args)}
             save_checkpoint(accelerator, output_dir, step + 1, state, args.checkpoints_total_limit)
         if val_images is not None and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
             with swapped_in(models.ema, vae_module(models.student).decoder):
@@ -406,28 +369,24 @@ def fine_tune(args):
 
     # Save the student (EMA weights) as a diffusers VAE folder:
     accelerator.wait_for_everyone()
-    skipped = gather_union(skipped)
+    gathered = problems.gather()
     summary = None
     if accelerator.is_main_process:
         final = vae_module(accelerator.unwrap_model(models.student))
         if models.ema is not None:
             models.ema.copy_to(final.decoder.parameters())
         final.save_pretrained(output_dir / "vae", safe_serialization=True)
-        metrics = log_validation(accelerator, final, val_images, output_dir, max_steps) if val_images is not None else {}
+        metrics = {} if val_images is None else log_validation(accelerator, final, val_images, output_dir, max_steps)
+        skipped = problems.summary(gathered)
         summary = {"steps": max_steps, "resumed_from_step": start_step, "losses": losses,
-                   "n_skipped": len(skipped) + len(problems), "skipped_images": skipped, "metadata_problems": problems,
-                   "train_images": len(dataset), "seconds": round(time.time() - started, 1), **metrics}
+                   "n_skipped": sum(skipped["skipped"].values()), "skipped_images": gathered["corrupt_images"],
+                   **skipped, "train_images": len(dataset), "seconds": round(time.time() - started, 1), **metrics}
         outputs.write_json(output_dir / "train_summary.json", summary)
         logger.info(f"Saved the SC-VAE to {output_dir / 'vae'}")
     accelerator.end_training()
     if torch.distributed.is_initialized():  # tear the process group down now, not in a rank's exit
         torch.distributed.destroy_process_group()
     return summary
-
-
-def gather_union(items):
-    """The sorted union of every process's items."""
-    return sorted(set().union(*gather_object([sorted(items)])))
 
 
 class swapped_in:
@@ -456,22 +415,16 @@ def parse_args(argv=None):
                    help="the student's F=16 decode; 'authors' trains under the authors' one-pixel crop")
     p.add_argument("--grid", type=int, default=2, help="partitions per side (partitioned, authors)")
     p.add_argument("--resolution", type=int, default=512, help="square crops (authors: 512, SA-1B)")
-    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True, help="authors: on")
-    p.add_argument("--train_batch_size", type=int, default=32, help="per device (authors: 32 x 2 accumulation x 4 GPUs)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=2)
-    p.add_argument("--gradient_checkpointing", action="store_true")
+    add_run_flags(p)  # seed, batch, steps, optimiser, precision, validation steps, tracker (accelerated.py)
+    p.set_defaults(train_batch_size=32,  # per device; authors: 32 x 2 accumulation x 4 GPUs
+                   gradient_accumulation_steps=2,
+                   gradient_checkpointing=False,
+                   max_train_steps=None,  # optimiser steps, generator and discriminator together; None: the epochs
+                   learning_rate=1e-5,  # the decoder's; authors: 1e-5
+                   mixed_precision="no",  # authors: fp32
+                   num_validation_images=4)
     p.add_argument("--num_train_epochs", type=int, default=1, help="authors: 1 (used when --max_train_steps is unset)")
-    p.add_argument("--max_train_steps", type=int, default=None,
-                   help="optimiser steps, generator and discriminator steps together")
-    p.add_argument("--learning_rate", type=float, default=1e-5, help="the decoder's (authors: 1e-5)")
     p.add_argument("--discr_learning_rate", type=float, default=1e-5, help="the discriminator's (authors: 1e-5)")
-    p.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization schedule (authors: constant)")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-4, help="authors: 1e-4")
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--lpips_scale", type=float, default=0.1, help="authors: 0.1; 0 needs no LPIPS weights")
     p.add_argument("--gen_scale", type=float, default=0.05, help="authors: 0.05; 0: no discriminator")
     p.add_argument("--sc_scale", type=float, default=1.0, help="scale consistency (authors: 1)")
@@ -483,21 +436,9 @@ def parse_args(argv=None):
     p.add_argument("--discriminator_depth", type=int, default=6)
     p.add_argument("--use_ema", action="store_true", help="keep an EMA of the decoder; it is what is saved")
     p.add_argument("--ema_decay", type=float, default=0.9999)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="authors: fp32")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, crops, flips and posterior samples")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
-    p.add_argument("--checkpointing_steps", type=int, default=10000, help="authors: 10,000")
-    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="remove an earlier run in --output_dir and start a new one")
-    p.add_argument("--accept_changed_settings", action="store_true",
-                   help="resume although flags that define the run (data, VAE, losses, learning rates, seed, batch, "
-                        "...) differ from the checkpoint's")
+    add_checkpoint_flags(p)  # --checkpointing_steps, --resume_from_checkpoint, ... (checkpoints.py)
+    p.set_defaults(checkpointing_steps=10000)  # authors: 10,000
     p.add_argument("--validation_data_dir", default=None, help="images to reconstruct (default: the first train ones)")
-    p.add_argument("--num_validation_images", type=int, default=4)
-    p.add_argument("--validation_steps", type=int, default=1000)
-    p.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
     return p.parse_args(argv)
 
 

@@ -1,28 +1,25 @@
 """Shared core of train_sd3.py and train_flux.py: WLF fine-tuning of a diffusers transformer at 4K.
 
 What differs between the models (how prompts become embeddings, how the transformer is called, the defaults) is
-their record in models.py; everything else lives here: data, the text-embedding and latent caches, timestep
-sampling, the loss, the optimiser, checkpoints, validation images, logging and the command-line flags.
+their record in models.py; what every trainer shares (the Accelerator, noise seeding, skipped images, checkpoints)
+is accelerated.py and checkpoints.py; everything else lives here: data, the text-embedding and latent caches,
+timestep sampling, the loss, the optimiser, validation images, logging and the command-line flags.
 """
 import argparse
 import csv
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
-import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import diffusers
 import numpy as np
 import torch
-import transformers
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -35,23 +32,20 @@ from tqdm.auto import tqdm
 import lora
 import outputs
 import parquet_shards
+from accelerated import (DataProblems, add_run_flags, gather_union, make_accelerator, step_generator,
+                         warn_problems)
+from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
+                         save_checkpoint)
 from errors import UsageError, check_at_least
-from imagefolder import (IMAGE_ERRORS, BucketSampler, KeyedImages, StreamSampler, bucket_sizes, crop_pixels, image_size,
-                         load_record_image, nearest_bucket, read_metadata)
+from imagefolder import (IMAGE_ERRORS, BucketSampler, KeyedImages, StreamSampler, bucket_sizes, collate, crop_pixels,
+                         image_size, is_upscaled, load_record_image, nearest_bucket, read_metadata)
 from models import MODELS, max_image_side
 from partitioned_vae import check_size, load_f16_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
 
 logger = get_logger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 ENCODE_BATCH_SIZE = 8  # captions per text-encoder call while filling the cache
-MAX_LISTED = 50  # problems listed by name in train_summary.json (all are counted)
-# Flags a resume may change: they only extend or observe the run (every other flag defines it).
-EXTENDING_FLAGS = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
-                   "validation_prompt", "validation_steps", "num_validation_images", "report_to",
-                   "dataloader_num_workers", "output_dir", "data_cache_dir", "gradient_checkpointing",
-                   "overwrite_output_dir", "accept_changed_settings"}
 RUN_FILES = ("train_summary.json", "losses.csv", "transformer", "model_index.json", "pytorch_lora_weights.safetensors")
 
 
@@ -97,20 +91,6 @@ class TrainDataset(KeyedImages):
             params = cached.get_tensor("latent_dist_flipped" if flip else "latent_dist")
             upscaled = [record["file_name"]] if cached.metadata().get("upscaled") == "1" else []
         return {"latent_dist": params, "upscaled": upscaled}
-
-
-def is_upscaled(image, size):
-    """Whether covering `size` (a square side, or (width, height)) scales the image up."""
-    width, height = (size, size) if isinstance(size, int) else size
-    return image.width < width or image.height < height
-
-
-def collate(samples):
-    """Stack the tensors of a list of samples; concatenate their problem lists."""
-    batch = {key: torch.stack([s[key] for s in samples]) for key, value in samples[0].items() if torch.is_tensor(value)}
-    for key in ("unreadable", "upscaled"):
-        batch[key] = [item for s in samples for item in s[key]]
-    return batch
 
 
 #################################################################################
@@ -228,12 +208,6 @@ def cache_latents(vae, records, data_dir, files, resolution):
 #                        Noise, timesteps and the loss                          #
 #################################################################################
 
-def step_generator(seed, step, micro_step, rank, device):
-    """A torch.Generator for one micro-batch, seeded from (seed, step, micro-step, process): resumable exactly."""
-    state = np.random.SeedSequence([seed, step, micro_step, rank]).generate_state(2, np.uint64)[0]
-    return torch.Generator(device).manual_seed(int(state) & (2**63 - 1))
-
-
 def weighted_mse(pred, target, weighting):
     """Plain flow-matching loss: mean of w_t * (pred - target)^2, in fp32 whatever the inputs' dtype."""
     return (weighting.float() * (pred.float() - target.float()) ** 2).mean()
@@ -249,37 +223,50 @@ def build_loss(loss, wavelet_levels=1, wavelet_band_weights=(1.0, 1.0, 1.0, 1.0)
     return weighted_mse
 
 
-def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype, weighting_scheme,
-                  logit_mean=0.0, logit_std=1.0, mode_scale=1.29, precondition_outputs=True, latent_shift=True,
-                  loss_dtype=torch.float32):
-    """The loss of one micro-batch: latents, noise at timesteps drawn by `weighting_scheme`, prediction, target.
+@dataclass(frozen=True)
+class LossSettings:
+    """How training_loss draws the timesteps and forms x0, z_t and the target (the flags of the same names), and the
+    dtype of the latents, sigma, z_t and the prediction (--loss_precision: fp32, or the mixed-precision dtype)."""
+    weighting_scheme: str
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    precondition_outputs: bool = True
+    latent_shift: bool = True
+    loss_dtype: torch.dtype = torch.float32
+
+
+def training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype, settings):
+    """The loss of one micro-batch: latents, noise at timesteps drawn by `settings.weighting_scheme`, prediction,
+    target.
 
     z_t = (1 - sigma) x0 + sigma eps. Preconditioned (the authors' code): x0_hat = output * (-sigma) + z_t against
     x0; otherwise the velocity eps - x0 (paper eq. 3). Weighted per sample by compute_loss_weighting_for_sd3.
     x0 = (latents - shift_factor) * scaling_factor; latent_shift=False drops the shift as the authors' SD3 trainer
-    does. Latents, sigma, z_t and the prediction are `loss_dtype` tensors (PROTOCOL.md §4).
+    does. Latents, sigma, z_t and the prediction are `settings.loss_dtype` tensors (PROTOCOL.md §4).
     """
+    loss_dtype = settings.loss_dtype
     if "latent_dist" in batch:
         latents = DiagonalGaussianDistribution(batch["latent_dist"].float()).sample(generator)
     else:
         with torch.no_grad():
             latents = vae.encode(batch["pixels"].to(vae.dtype)).latent_dist.sample(generator).float()
-    shift = vae.config.shift_factor if latent_shift else 0.0
+    shift = vae.config.shift_factor if settings.latent_shift else 0.0
     latents = (latents.to(loss_dtype) - shift) * vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator, device=latents.device).to(loss_dtype)
-    u = compute_density_for_timestep_sampling(weighting_scheme, latents.shape[0], logit_mean, logit_std, mode_scale,
-                                              latents.device, generator)
+    u = compute_density_for_timestep_sampling(settings.weighting_scheme, latents.shape[0], settings.logit_mean,
+                                              settings.logit_std, settings.mode_scale, latents.device, generator)
     indices = (u * scheduler.config.num_train_timesteps).long().cpu()
     timesteps = scheduler.timesteps[indices].to(latents.device)
     sigmas = scheduler.sigmas[indices].to(latents.device, loss_dtype).view(-1, 1, 1, 1)
     noisy = (1.0 - sigmas) * latents + sigmas * noise
     embeddings = {name: batch[name].to(model_dtype) for name in batch if name.endswith("prompt_embeds")}
     output = predict(transformer, noisy.to(model_dtype), timesteps, embeddings).to(loss_dtype)
-    if precondition_outputs:
+    if settings.precondition_outputs:
         pred, target = output * (-sigmas) + noisy, latents
     else:
         pred, target = output, noise - latents
-    return loss_fn(pred, target, compute_loss_weighting_for_sd3(weighting_scheme, sigmas))
+    return loss_fn(pred, target, compute_loss_weighting_for_sd3(settings.weighting_scheme, sigmas))
 
 
 def make_predict(spec, transformer, guidance_scale=None):
@@ -353,90 +340,6 @@ def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
     return torch.optim.AdamW(params, **settings)
 
 
-def list_checkpoints(output_dir):
-    """[(step, path)] of the complete checkpoints in output_dir, oldest first (`.tmp` ones are unfinished)."""
-    found = []
-    for path in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*"):
-        step = path.name[len(CHECKPOINT_PREFIX):]
-        if path.is_dir() and step.isdigit():
-            found.append((int(step), path))
-    return sorted(found)
-
-
-def find_checkpoint(output_dir, resume_from_checkpoint):
-    """The checkpoint folder to resume from: "latest" (None when there is none yet) or a given path / name."""
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(resume_from_checkpoint)
-    path = path if path.is_dir() else Path(output_dir) / path
-    if not (path / "trainer_state.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint}: {path} is not a checkpoint folder "
-                         f"written by this trainer (no trainer_state.json). Use 'latest' or a {CHECKPOINT_PREFIX}N "
-                         f"folder of {output_dir}.")
-    return path
-
-
-def resume(accelerator, output_dir, resume_from_checkpoint, problems):
-    """Remove unfinished checkpoints; load the one asked for (model, optimiser, schedule, problems); return its step."""
-    for unfinished in output_dir.glob(f"{CHECKPOINT_PREFIX}*.tmp") if accelerator.is_main_process else []:
-        shutil.rmtree(unfinished)
-        logger.warning(f"Removed {unfinished}: a checkpoint whose writing was interrupted")
-    checkpoint = find_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
-    if checkpoint is None:
-        if resume_from_checkpoint:
-            logger.info(f"No checkpoint in {output_dir}: starting a new run")
-        return 0
-    accelerator.load_state(str(checkpoint))
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    problems.restore(state)
-    logger.info(f"Resumed from {checkpoint} at step {state['global_step']}")
-    return state["global_step"]
-
-
-def save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=None, transformer=None):
-    """accelerator.save_state (and the diffusers `transformer/`, as the authors') into checkpoint-N.tmp, then rename
-    it to checkpoint-N, then prune the oldest. With the base pipeline named in trainer_state, the generation scripts
-    load checkpoint-N directly (PROTOCOL.md §4).
-
-    A failed write (a full disk) removes the .tmp folder and raises UsageError; older checkpoints are untouched.
-    """
-    final = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    problem = None
-    try:
-        accelerator.save_state(str(tmp))
-        if transformer is not None:
-            save_transformer(accelerator, transformer, tmp / "transformer")
-        if accelerator.is_main_process:
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-    except Exception as error:  # any failed write: disk full, quota, I/O error
-        problem = f"{type(error).__name__}: {error}"
-    problems = [p for p in gather_object([problem]) if p]
-    if problems:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(output_dir)
-        kept = f"the previous checkpoint {previous[-1][1]} is intact" if previous else "no earlier checkpoint exists"
-        raise UsageError(f"Could not write checkpoint {final} ({problems[0]}); {kept}. Free disk space in "
-                         f"{output_dir}, then resume with --resume_from_checkpoint latest.")
-    if accelerator.is_main_process:
-        old = final.with_name(final.name + ".old")
-        if final.exists():  # a re-run after resuming from an earlier step
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-        for _, path in list_checkpoints(output_dir)[:-total_limit] if total_limit else []:
-            shutil.rmtree(path)
-            logger.info(f"Removed {path} (--checkpoints_total_limit {total_limit})")
-    accelerator.wait_for_everyone()
-    logger.info(f"Saved {final}")
-    return final
-
-
 def link_or_copy(src, dst):
     """Hard-link src to dst (the frozen multi-GB components then cost no disk), copying across file systems."""
     if os.path.lexists(dst):
@@ -445,6 +348,11 @@ def link_or_copy(src, dst):
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def save_checkpoint_transformer(accelerator, transformer, checkpoint):
+    """The diffusers transformer/ of a checkpoint, which the generation scripts load (a LoRA one holds its adapter)."""
+    save_transformer(accelerator, transformer, Path(checkpoint) / "transformer")
 
 
 def save_transformer(accelerator, transformer, folder):
@@ -475,26 +383,37 @@ def text_encoder_names(pretrained_dir):
     return [name for name in index if name.startswith("text_encoder")]
 
 
-def log_validation(accelerator, spec, model_dir, vae, embedding_files, dtype, folder, resolution, count, seed,
-                   transformer, step):
-    """`count` images from the stock pipeline (cached embeddings of the prompt and "", F=16 VAE) as PNGs in `folder`."""
-    positive, negative = ({k: v[None].to(dtype) for k, v in load_file(path, device=str(vae.device)).items()}
-                          for path in embedding_files)
+@dataclass(frozen=True)
+class ValidationSettings:
+    """What log_validation generates every `steps` steps: `count` images of resolution² pixels into `folder`, from the
+    cached embeddings of the prompt and of "" (`embedding_files`) and a CPU generator seeded with `seed`."""
+    embedding_files: tuple
+    folder: Path
+    resolution: int
+    count: int
+    seed: int
+    steps: int
+
+
+def log_validation(accelerator, spec, model_dir, vae, transformer, step, settings):
+    """`settings.count` images from the stock pipeline (cached embeddings, the F=16 VAE, in its dtype) as PNGs."""
+    positive, negative = ({k: v[None].to(vae.dtype) for k, v in load_file(path, device=str(vae.device)).items()}
+                          for path in settings.embedding_files)
     model = accelerator.unwrap_model(transformer)
     no_text_encoders = {name: None for name in text_encoder_names(model_dir)}
     pipe = spec.pipeline_class.from_pretrained(model_dir, transformer=model, vae=vae, **no_text_encoders)
     use_f16_vae(pipe)
     pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(settings.seed)
     model.eval()
     # Under mixed precision the trained weights may be fp32 and the VAE bf16: autocast lets the two meet.
     with torch.autocast(vae.device.type, dtype=vae.dtype, enabled=vae.dtype != torch.float32):
-        images = [pipe(height=resolution, width=resolution, generator=generator,
-                       **spec.validation_kwargs(positive, negative)).images[0] for _ in range(count)]
+        images = [pipe(height=settings.resolution, width=settings.resolution, generator=generator,
+                       **spec.validation_kwargs(positive, negative)).images[0] for _ in range(settings.count)]
     model.train()
-    folder.mkdir(parents=True, exist_ok=True)
+    settings.folder.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):
-        with outputs.atomic_path(folder / f"step-{step:06d}-{i}.png") as tmp:
+        with outputs.atomic_path(settings.folder / f"step-{step:06d}-{i}.png") as tmp:
             image.save(tmp)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
@@ -553,104 +472,6 @@ def check_pipeline_class(model_dir, spec):
                          f"fine-tunes {spec.title} ({expected}){hint}.")
 
 
-def run_settings(args):
-    """The run's flags as JSON values (tuples as lists), as train_summary.json and each checkpoint record them."""
-    return json.loads(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                                 default=str))
-
-
-def holds_run(output_dir, run_files=RUN_FILES):
-    """What in `output_dir` belongs to an earlier run (checkpoints, logs, the saved model), or []."""
-    output_dir = Path(output_dir)
-    found = [name for name in run_files if (output_dir / name).exists()]
-    return found + sorted(p.name for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*"))
-
-
-def changed_settings(saved, current, extending=EXTENDING_FLAGS):
-    """["--flag: old -> new"] for each defining flag whose value differs from the run's recorded one (flags the
-    record lacks, added to the trainer since, are not compared)."""
-    return [f"--{k}: {saved[k]!r} -> {current[k]!r}" for k in current
-            if k in saved and k not in extending and saved[k] != current[k]]
-
-
-def check_output_dir(args, output_dir, run_files=RUN_FILES, extending=EXTENDING_FLAGS):
-    """Refuse an --output_dir holding an earlier run unless resuming it (with the settings that define it, unless
-    --accept_changed_settings) or --overwrite_output_dir. Reads only: nothing is written here."""
-    earlier = holds_run(output_dir, run_files)
-    if earlier and not args.resume_from_checkpoint and not args.overwrite_output_dir:
-        raise UsageError(f"--output_dir {output_dir} already holds a run ({', '.join(earlier[:4])}): continue it with "
-                         f"--resume_from_checkpoint latest, replace it with --overwrite_output_dir, or choose another "
-                         f"--output_dir.")
-    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
-    if checkpoint is None:
-        return
-    saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("settings", {})
-    changed = changed_settings(saved, run_settings(args), extending)
-    if changed and not args.accept_changed_settings:
-        raise UsageError(f"{checkpoint} was trained with other settings ({'; '.join(changed)}): resume with the same "
-                         f"flags, add --accept_changed_settings to continue with the new ones, or start a new run in "
-                         f"another --output_dir.")
-
-
-def clear_run(output_dir):
-    """Remove everything of an earlier run from output_dir (--overwrite_output_dir) except the caches and the lock."""
-    for path in Path(output_dir).iterdir():
-        if path.name in ("cache", outputs.LOCK_NAME):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    logger.info(f"Removed the earlier run in {output_dir} (--overwrite_output_dir)")
-
-
-def launched_processes():
-    """How many processes the launcher started (torchrun and `accelerate launch` set WORLD_SIZE; 1 without one)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_cpu_job(launched):
-    """Whether the launched processes should form one CPU job (gloo): several of them, no GPU, no DeepSpeed.
-
-    Without this, `accelerate launch --multi_gpu` on a machine without GPUs gives every process a single-process
-    run of its own, all writing to one output folder."""
-    return launched > 1 and not torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-
-
-def check_launch(accelerator, launched):
-    """Stop before anything is written unless the launched processes form one job (PROTOCOL.md §8)."""
-    if accelerator.num_processes != launched:
-        raise UsageError(
-            f"launch problem: the launcher started {launched} processes but each runs alone "
-            f"({accelerator.distributed_type.value}, {accelerator.num_processes} process), so they would train "
-            f"independent copies into one output folder. DeepSpeed through accelerate needs one GPU per process: on "
-            f"the CPU use --num_processes 1, or plain processes (`accelerate launch --multi_gpu --num_processes N` "
-            f"without the DeepSpeed config, or `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N`).")
-
-
-def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, report_to):
-    """The run's Accelerator (precision: the flag, else accelerate's, else bf16); quiet transformers and diffusers.
-
-    Refuses a launch whose processes would not form one job; several CPU processes become one gloo job."""
-    launched = launched_processes()
-    accelerator = Accelerator(
-        cpu=is_cpu_job(launched),
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        mixed_precision=mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16"),
-        log_with=None if report_to == "none" else report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
-    check_launch(accelerator, launched)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    for library in (transformers, diffusers):
-        library.utils.logging.set_verbosity_error()
-        library.utils.logging.disable_progress_bar()
-    # Recent diffusers renamed `torch_dtype` to `dtype`; the older ones requirements.txt allows know only `torch_dtype`.
-    warnings.filterwarnings("ignore", message=".*`dtype` instead.*", category=FutureWarning)
-    return accelerator
-
-
 def load_transformer(spec, model_dir, dtype, gradient_checkpointing):
     """The pipeline's transformer in `dtype`, every weight trainable, in training mode."""
     transformer = spec.transformer_class.from_pretrained(model_dir, subfolder="transformer", torch_dtype=dtype)
@@ -672,52 +493,6 @@ def describe_engine(accelerator, optimizer):
         offload = zero.get("offload_optimizer", {}).get("device", "none")
         engine.update(zero_stage=zero["stage"], offload_optimizer=offload)
     return engine
-
-
-def gather_union(items):
-    """The sorted union of `items` over all processes."""
-    return sorted(set().union(*gather_object([sorted(items)])))
-
-
-def warn_problems(what, problems):
-    """Log a count and the first few examples of one kind of skipped input."""
-    if problems:
-        logger.warning(f"{len(problems)} {what} skipped: " + "; ".join(problems[:5]) + (" ..." if problems[5:] else ""))
-
-
-class DataProblems:
-    """The inputs a run skips or up-scales: bad metadata lines and missing images (found at start), unreadable and
-    up-scaled images (by any process, each warned about once), merged over the processes when saved."""
-
-    def __init__(self, found):
-        self.metadata_lines, self.missing_images = found["metadata_lines"], found["missing_images"]
-        self.corrupt_images, self.upscaled_images = set(), set()
-
-    def note(self, batch):
-        """Add a batch's unreadable and up-scaled images, with a warning for each one not seen before."""
-        notes = ((self.corrupt_images, batch["unreadable"], "unreadable image skipped"),
-                 (self.upscaled_images, batch["upscaled"], "image smaller than --resolution, up-scaled"))
-        for seen, new, what in notes:
-            for item in sorted(set(new) - seen):
-                seen.add(item)
-                logger.warning(f"{what}: {item}", main_process_only=False)
-
-    def restore(self, trainer_state):
-        """Add the images a checkpoint's trainer_state.json lists."""
-        self.corrupt_images.update(trainer_state["corrupt_images"])
-        self.upscaled_images.update(trainer_state["upscaled_images"])
-
-    def gather(self):
-        """The image lists merged over every process (call it on all of them), as trainer_state.json holds them."""
-        return {"corrupt_images": gather_union(self.corrupt_images),
-                "upscaled_images": gather_union(self.upscaled_images)}
-
-    def summary(self, gathered):
-        """train_summary.json's counts and names (the first MAX_LISTED of each kind), from gather()'s lists."""
-        lists = {"metadata_lines": self.metadata_lines, "missing_images": self.missing_images, **gathered}
-        return {"skipped": {kind: len(items) for kind, items in lists.items() if kind != "upscaled_images"},
-                "upscaled_images": len(gathered["upscaled_images"]),
-                "problems": {kind: items[:MAX_LISTED] for kind, items in lists.items()}}
 
 
 def read_training_data(data_dir, image_column=parquet_shards.IMAGE_COLUMN,
@@ -849,7 +624,7 @@ def train(args, spec):
     check_args(args, spec)
     lora_config = lora.check_training_flags(args, spec.transformer_class, args.pretrained_model_name_or_path)
     with outputs.FolderLock(args.output_dir, "--output_dir"):
-        check_output_dir(args, Path(args.output_dir))
+        check_output_dir(args, Path(args.output_dir), RUN_FILES)
         return fine_tune(args, spec, lora_config)
 
 
@@ -858,7 +633,7 @@ def fine_tune(args, spec, lora_config):
     # Setup (DeepSpeed comes from `accelerate launch --config_file ds_config.yaml`):
     model_dir, output_dir = args.pretrained_model_name_or_path, Path(args.output_dir)
     accelerator = make_accelerator(output_dir, args.gradient_accumulation_steps, args.mixed_precision, args.report_to)
-    if args.overwrite_output_dir and accelerator.is_main_process and holds_run(output_dir):
+    if args.overwrite_output_dir and accelerator.is_main_process and holds_run(output_dir, RUN_FILES):
         clear_run(output_dir)
     accelerator.wait_for_everyone()
     configure_deepspeed(accelerator, args.train_batch_size, args.max_grad_norm, args.use_8bit_adam)
@@ -913,28 +688,16 @@ def fine_tune(args, spec, lora_config):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     model_dtype = accelerator.unwrap_model(transformer).dtype
-    loss_dtype = weight_dtype if args.loss_precision == "autocast" else torch.float32
-    loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights,
-                         loss_dtype if args.loss_precision == "autocast" else None)
-    loss_settings = dict(weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-                         mode_scale=args.mode_scale, precondition_outputs=args.precondition_outputs,
-                         latent_shift=args.latent_shift, loss_dtype=loss_dtype)
+    loss_fn, loss_settings = loss_from_args(args, weight_dtype)
 
     # Resume (model, optimiser, schedule; the data stream and the noise follow from the step):
     start_step = resume(accelerator, output_dir, args.resume_from_checkpoint, problems)
     world_batches = args.gradient_accumulation_steps * accelerator.num_processes
-    if buckets:  # each global batch from one bucket
-        sampler = BucketSampler([r["size"] for r in records], args.train_batch_size, args.seed,
-                                accelerator.process_index, accelerator.num_processes,
-                                start_batch=start_step * world_batches)
-    else:
-        sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
-                                accelerator.num_processes, start_batch=start_step * world_batches)
-    dataloader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
-                            num_workers=args.dataloader_num_workers, pin_memory=device.type == "cuda")
-    validate = partial(log_validation, accelerator, spec, model_dir, vae, [files[p] for p in validation_prompts],
-                       weight_dtype, output_dir / "validation", args.resolution, args.num_validation_images,
-                       args.seed) if args.validation_prompt else None
+    dataloader = make_dataloader(dataset, [r["size"] for r in records] if buckets else None, args, accelerator,
+                                 start_step * world_batches)
+    validation = ValidationSettings(tuple(files[p] for p in validation_prompts), output_dir / "validation",
+                                    args.resolution, args.num_validation_images, args.seed,
+                                    args.validation_steps) if args.validation_prompt else None
     accelerator.init_trackers("diffusion-4k", config={k: str(v) for k, v in vars(args).items()})
     loss_log = open_loss_log(output_dir / "losses.csv", start_step) if accelerator.is_main_process else None
     run = {"resumed_from_step": start_step, "images_per_step": args.train_batch_size * world_batches,
@@ -959,7 +722,7 @@ def fine_tune(args, spec, lora_config):
             with accelerator.accumulate(transformer):
                 generator = step_generator(args.seed, global_step, micro_step, accelerator.process_index, device)
                 loss = training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype,
-                                     **loss_settings)
+                                     loss_settings)
                 check_finite(accelerator, loss, global_step, output_dir)  # every process stops here together
                 update_weights(accelerator, transformer, optimizer, lr_scheduler, loss, args.max_grad_norm)
             step_losses.append(loss.detach())
@@ -972,10 +735,11 @@ def fine_tune(args, spec, lora_config):
             if global_step % args.checkpointing_steps == 0:
                 state = {"global_step": global_step, "base_pipeline": str(Path(model_dir).resolve()),
                          **problems.gather(), "settings": run_settings(args)}
+                # A LoRA checkpoint holds its adapter (lora.register_checkpoint_hooks), not a transformer/:
                 save_checkpoint(accelerator, output_dir, global_step, state, args.checkpoints_total_limit,
-                                None if lora_config else transformer)  # a LoRA checkpoint holds its adapter
-            if validate and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                validate(transformer, global_step)
+                                None if lora_config else partial(save_checkpoint_transformer, accelerator, transformer))
+            if validation and global_step % validation.steps == 0 and accelerator.is_main_process:
+                log_validation(accelerator, spec, model_dir, vae, transformer, global_step, validation)
     except UsageError as error:  # raised on every process at the same step (non-finite loss, failed checkpoint)
         write_summary(accelerator, args, f"stopped: {error}", global_step, problems, run)
         raise
@@ -992,8 +756,8 @@ def fine_tune(args, spec, lora_config):
                       run)
         raise UsageError(f"Could not save the final model in {output_dir} ({error}); the checkpoints are intact: free "
                          f"disk space, then resume with --resume_from_checkpoint latest.") from error
-    if validate and accelerator.is_main_process and args.max_train_steps % args.validation_steps:
-        validate(transformer, global_step)
+    if validation and accelerator.is_main_process and args.max_train_steps % validation.steps:
+        log_validation(accelerator, spec, model_dir, vae, transformer, global_step, validation)
     summary = write_summary(accelerator, args, "completed", global_step, problems, run)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -1001,6 +765,28 @@ def fine_tune(args, spec, lora_config):
         torch.distributed.destroy_process_group()
     logger.info(f"Saved {saved} to {output_dir}")
     return summary
+
+
+def loss_from_args(args, weight_dtype):
+    """(loss_fn, LossSettings) of the flags; --loss_precision autocast: in the mixed-precision dtype, as the authors."""
+    autocast = args.loss_precision == "autocast"
+    loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights, weight_dtype if autocast else None)
+    return loss_fn, LossSettings(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
+                                 args.precondition_outputs, args.latent_shift,
+                                 weight_dtype if autocast else torch.float32)
+
+
+def make_dataloader(dataset, bucket_of, args, accelerator, start_batch):
+    """The process's data loader from global batch `start_batch` (the step times the batches per step): squares, or
+    with `bucket_of` (each record's bucket size) global batches each from one bucket."""
+    if bucket_of:
+        sampler = BucketSampler(bucket_of, args.train_batch_size, args.seed, accelerator.process_index,
+                                accelerator.num_processes, start_batch=start_batch)
+    else:
+        sampler = StreamSampler(len(dataset), args.train_batch_size, args.seed, accelerator.process_index,
+                                accelerator.num_processes, start_batch=start_batch)
+    return DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+                      num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
 
 
 def save_final(accelerator, transformer, lora_config, merge_lora, spec, model_dir, output_dir):
@@ -1030,36 +816,25 @@ def build_parser(description, spec):
     p.add_argument("--caption_column", default=parquet_shards.CAPTION_COLUMN, help="Parquet shards: the caption")
     p.add_argument("--output_dir", default="outputs/wlf", help="checkpoints, logs, at the end the fine-tuned pipeline")
     p.add_argument("--data_cache_dir", default=None, help="text-embedding / latent cache (default: OUTPUT_DIR/cache)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, crops, noise and timesteps")
     p.add_argument("--resolution", type=int, default=4096, help="square training size, a multiple of 32 (paper: 4096)")
     p.add_argument("--center_crop", action="store_true", help="centre crop instead of a random crop")
-    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flip (the authors' code always flips)")
     p.add_argument("--aspect_ratio_buckets", action="store_true",
                    help="train each image at its nearest aspect-ratio bucket of about resolution² pixels (Sana's "
                         "table, 1:4 to 4:1), resized to cover and centre-cropped; off: square crops, as the authors")
     p.add_argument("--cache_latents", action="store_true",
                    help="encode each image once (centre crop and its mirror) and cache the latent distributions")
-    p.add_argument("--dataloader_num_workers", type=int, default=0)
     p.add_argument("--max_sequence_length", type=int, default=spec.train_max_sequence_length,
                    help="T5 tokens per caption (the authors' training scripts)")
-    p.add_argument("--train_batch_size", type=int, default=8, help="per device (paper: SD3 8, Flux 4)")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute activations in the backward pass (paper: on); off: faster, more memory")
-    p.add_argument("--max_train_steps", type=int, default=20000, help="paper: 20,000")
-    p.add_argument("--learning_rate", type=float, default=1e-6, help="paper: 1e-6")
-    p.add_argument("--lr_scheduler", default="constant", help="a diffusers.optimization schedule (paper: constant)")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    add_run_flags(p)  # seed, batch, steps, optimiser, precision, validation steps, tracker (accelerated.py)
+    p.set_defaults(train_batch_size=8,  # per device; paper: SD3 8, Flux 4 (train_flux.sh passes 4)
+                   gradient_accumulation_steps=1,
+                   gradient_checkpointing=True,  # paper: on
+                   max_train_steps=20000,  # paper: 20,000
+                   learning_rate=1e-6,  # paper: 1e-6
+                   mixed_precision=None,  # what `accelerate launch` says (ds_config.yaml: bf16), else bf16
+                   num_validation_images=1)
     p.add_argument("--use_8bit_adam", action="store_true",
                    help="bitsandbytes AdamW8bit; refused when DeepSpeed offloads the optimizer (ds_config.yaml does)")
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=1e-4)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient-norm clip (also DeepSpeed's)")
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="default: what `accelerate launch` says (ds_config.yaml: bf16), else bf16")
     p.add_argument("--weighting_scheme", default=spec.train_weighting_scheme,
                    choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
                    help="timestep density and loss weight (diffusers.training_utils)")
@@ -1082,19 +857,8 @@ def build_parser(description, spec):
     p.add_argument("--wavelet_levels", type=int, default=1)
     p.add_argument("--wavelet_band_weights", type=parse_band_weights, default=(1.0, 1.0, 1.0, 1.0),
                    help="LL,LH,HL,HH weights; equal ones make WLF equal to MSE (orthonormal Haar); 1,2,2,2 does not")
-    p.add_argument("--checkpointing_steps", type=int, default=5000, help="authors: 5,000")
-    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
-    p.add_argument("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-N folder')
-    p.add_argument("--overwrite_output_dir", action="store_true",
-                   help="remove an earlier run in --output_dir (its caches are kept) and start a new one")
-    p.add_argument("--accept_changed_settings", action="store_true",
-                   help="resume although flags that define the run (model, data, resolution, learning rate, loss, "
-                        "seed, batch, LoRA, ...) differ from the checkpoint's (whose model, optimizer and schedule "
-                        "states are restored as saved)")
+    add_checkpoint_flags(p)  # --checkpointing_steps, --resume_from_checkpoint, ... (checkpoints.py)
+    p.set_defaults(checkpointing_steps=5000)  # authors: 5,000
     p.add_argument("--validation_prompt", default=None, help="generate images of this prompt during training")
-    p.add_argument("--validation_steps", type=int, default=1000)
-    p.add_argument("--num_validation_images", type=int, default=1)
-    p.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
     lora.add_training_flags(p)
     return p
-

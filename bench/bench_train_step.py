@@ -15,6 +15,7 @@ import diffusers
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
+import accelerated
 import training
 from bench.bench_generation import SD3_MEDIUM, full_size_vae
 from bench.flops import image_tokens, peak_flops, sd3_transformer_flops
@@ -44,11 +45,11 @@ def timed_step(transformer, vae, optimizer, scheduler, objective, batch, step, d
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    generator = training.step_generator(0, step, 0, 0, device)
+    generator = accelerated.step_generator(0, step, 0, 0, device)
     sd3 = MODELS["sd3"]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = training.training_loss(transformer, sd3.predict, batch, vae, scheduler, training.build_loss(objective),
-                                      generator, torch.float32, sd3.train_weighting_scheme)
+                                      generator, torch.float32, training.LossSettings(sd3.train_weighting_scheme))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)  # the trainer's --max_grad_norm
     optimizer.step()

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import accelerated
 import lora
 import low_memory
 import training
@@ -316,9 +317,9 @@ def train_step_case(case, tiny, steps):
     for step in range(steps + 1):  # the first step is the warm-up
         synchronize(device)
         start = time.perf_counter()
-        generator = training.step_generator(0, step, 0, 0, device)
+        generator = accelerated.step_generator(0, step, 0, 0, device)
         loss = training.training_loss(transformer, predict, batch, vae, scheduler, loss_fn, generator, model_dtype,
-                                      spec.train_weighting_scheme)
+                                      training.LossSettings(spec.train_weighting_scheme))
         training.update_weights(accelerator, transformer, optimizer, schedule, loss, 1.0)
         synchronize(device)
         times.append(time.perf_counter() - start)

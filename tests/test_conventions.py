@@ -153,7 +153,8 @@ def trainer_loss(inputs, seed, scheme, precondition, latent_shift, guidance_scal
     with torch.no_grad():
         return training.training_loss(inputs["transformer"], predict, inputs["batch"], vae, inputs["scheduler"],
                                       training.build_loss("mse"), torch.Generator().manual_seed(seed), torch.float32,
-                                      scheme, precondition_outputs=precondition, latent_shift=latent_shift)
+                                      training.LossSettings(scheme, precondition_outputs=precondition,
+                                                            latent_shift=latent_shift))
 
 
 @pytest.mark.parametrize("latent_shift", [True, False], ids=["shift", "no_shift"])
@@ -253,8 +254,9 @@ def mean_trainer_loss(kind, pipeline_dir, transformer, precondition, draws=64):
     with torch.no_grad():
         return float(np.mean([training.training_loss(
             transformer.eval(), predict, batch, vae, scheduler, training.build_loss("mse"),
-            torch.Generator().manual_seed(seed), torch.float32, spec.train_weighting_scheme,
-            precondition_outputs=precondition).item() for seed in range(draws)]))
+            torch.Generator().manual_seed(seed), torch.float32,
+            training.LossSettings(spec.train_weighting_scheme, precondition_outputs=precondition)).item()
+            for seed in range(draws)]))
 
 
 #################################################################################

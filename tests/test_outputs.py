@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState
 from PIL import Image
 from skimage import data as skdata
 
+import checkpoints
 import eval as eval_cli
 import eval_vae
 import generate_and_eval_fid
@@ -268,7 +269,7 @@ def test_a_trainer_refuses_an_output_dir_holding_a_run_unless_resuming_or_overwr
     (out / "checkpoint-7").mkdir()  # a later checkpoint of the old run: must not survive an overwrite
     second = train("sd3", tiny_ckpts["sd3"], dataset, out, "--seed", "5", "--overwrite_output_dir", cache=cache)
     assert second["settings"]["seed"] == 5 and second["resumed_from_step"] == 0
-    assert sorted(p.name for _, p in training.list_checkpoints(out)) == ["checkpoint-1"]
+    assert sorted(p.name for _, p in checkpoints.list_checkpoints(out)) == ["checkpoint-1"]
     assert json.loads((out / "checkpoint-1/trainer_state.json").read_text())["settings"]["seed"] == 5
     with pytest.raises(UsageError, match="give one of them"):
         train("sd3", tiny_ckpts["sd3"], dataset, out, "--overwrite_output_dir", "--resume_from_checkpoint", "latest")

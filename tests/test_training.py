@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 from torchvision import transforms
 
+import checkpoints
 import generation
 import train_flux
 import train_sd3
@@ -267,7 +268,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tiny_ckpt
     with pytest.raises(UsageError, match="not finite.*step 2"):
         train("sd3", tiny_ckpts["sd3"], dataset, out, "--max_train_steps", "4", "--checkpointing_steps", "1",
               "--learning_rate", "1e30", cache=cache_dir)  # step 1 blows the weights up, step 2's loss is NaN
-    assert [p.name for _, p in training.list_checkpoints(out)] == ["checkpoint-1"]
+    assert [p.name for _, p in checkpoints.list_checkpoints(out)] == ["checkpoint-1"]
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["status"].startswith("stopped: The loss is not finite") and summary["steps"] == 1
     assert not (out / "transformer").exists()  # no pipeline is written from a diverged run
@@ -278,7 +279,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
     model = torch.nn.Linear(64, 64)
     optimizer = torch.optim.AdamW(model.parameters())
     model, optimizer = accelerator.prepare(model, optimizer)
-    training.save_checkpoint(accelerator, tmp_path, 1, {"global_step": 1})
+    checkpoints.save_checkpoint(accelerator, tmp_path, 1, {"global_step": 1})
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
@@ -286,7 +287,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # any file over 4 KB fails to write, as on a full disk
     try:
         with pytest.raises(UsageError, match="checkpoint-2.*checkpoint-1 is intact"):
-            training.save_checkpoint(accelerator, tmp_path, 2, {"global_step": 2}, total_limit=1)
+            checkpoints.save_checkpoint(accelerator, tmp_path, 2, {"global_step": 2}, total_limit=1)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no .tmp left, nothing pruned
@@ -352,7 +353,7 @@ def loss_inputs(tiny_ckpts, **settings):
         return (pred.float() - target.float()).square().mean()
 
     training.training_loss(None, predict, batch, vae, scheduler, loss_fn, torch.Generator().manual_seed(1),
-                           torch.float32, "logit_normal", **settings)
+                           torch.float32, training.LossSettings("logit_normal", **settings))
     return seen, vae.config, scheduler
 
 
@@ -420,7 +421,7 @@ def test_checkpoint_2_holds_the_step_2_transformer_and_the_generation_clis_load_
     # Resuming from it still works, and --checkpoints_total_limit prunes whole checkpoint folders.
     train(kind, tiny_ckpts[kind], dataset, tmp_path / "three", "--max_train_steps", "4", "--checkpointing_steps", "2",
           "--checkpoints_total_limit", "1", "--resume_from_checkpoint", "latest", cache=cache_dir)
-    assert [p.name for _, p in training.list_checkpoints(tmp_path / "three")] == ["checkpoint-4"]
+    assert [p.name for _, p in checkpoints.list_checkpoints(tmp_path / "three")] == ["checkpoint-4"]
     assert transformer_difference(tmp_path / "three/checkpoint-4", tmp_path / "three") == 0
 
 
