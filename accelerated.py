@@ -72,6 +72,14 @@ def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, r
     return accelerator
 
 
+def end_run(accelerator):
+    """Wait for every process, close the trackers, and tear the process group down now (not in a rank's exit)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def step_generator(seed, step, micro_step, rank, device):
     """A torch.Generator for one micro-batch, seeded from (seed, step, micro-step, process): resumable exactly."""
     state = np.random.SeedSequence([seed, step, micro_step, rank]).generate_state(2, np.uint64)[0]

@@ -345,7 +345,7 @@ def main(args):
     print_table(summary)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--resolution", type=int, default=128, help="photo and training size (the paper: 4096)")
@@ -357,4 +357,8 @@ if __name__ == "__main__":
     parser.add_argument("--guidance_scale", type=float, default=1.0,
                         help="1: no classifier-free guidance (the miniature never saw an empty caption; paper: 7)")
     parser.add_argument("--seed", type=int, default=0)
-    exit_on_usage_error("demo.py", main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("demo.py", main, parse_args())

@@ -30,6 +30,7 @@ def print_table(summary, rows, max_rows=20):
 
 
 def main(args):
+    """Measure every image of --img_root; write the per-image CSV and the summary JSON; print a table."""
     # Check the flags:
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line in a CLI
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -64,7 +65,7 @@ def main(args):
     print(f"Per-image CSV: {csv_path}\nSummary JSON: {json_path}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--img_root", type=str, required=True, help="Folder of images to measure.")
     parser.add_argument("--prop", type=str, default="entropy", choices=GLCM_PROPS,
@@ -84,4 +85,8 @@ if __name__ == "__main__":
     add_bootstrap_flags(parser)
     parser.add_argument("--output_csv", type=str, default=None, help="Per-image CSV (default: <img_root>_eval.csv).")
     parser.add_argument("--output_json", type=str, default=None, help="Summary JSON (default: <img_root>_eval.json).")
-    exit_on_usage_error("eval.py", main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("eval.py", main, parse_args())

@@ -24,7 +24,7 @@ from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
 from patch_fid import load_features, recorded_features, save_features
 from partitioned_vae import VAE_MODES, is_f16_vae, load_vae
-from reconstruction import LPIPS_BACKBONES, load_lpips, lpips_distance, pixel_metrics, reconstruct
+from reconstruction import add_lpips_flags, load_lpips, lpips_distance, pixel_metrics, reconstruct
 
 EVAL_MODES = tuple(VAE_MODES)  # every mode reconstructs (f8_half only here)
 METRICS = ("nmse", "nrmse", "psnr", "ssim", "lpips", "rfid")
@@ -288,11 +288,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_csv", default=None, help="per-image rows (default: --output_json with .csv)")
     parser.add_argument("--metrics", default=",".join(METRICS),
                         help="comma-separated subset; nmse,nrmse,psnr,ssim need no weight files")
-    parser.add_argument("--lpips_net", choices=tuple(LPIPS_BACKBONES), default="alex",
-                        help="LPIPS backbone: alex (the usual choice for reporting) or vgg")
-    parser.add_argument("--lpips_backbone", default=None, help="torchvision ImageNet weights of --lpips_net "
-                        "(alexnet-owt-7be5be79.pth / vgg16-397923af.pth)")
-    parser.add_argument("--lpips_heads", default=None, help="LPIPS v0.1 linear heads (default: the lpips package's)")
+    add_lpips_flags(parser, "alex")  # the usual choice for reporting
     parser.add_argument("--inception_weights", default=None, help=WEIGHT_SOURCES["inception_weights"])
     parser.add_argument("--fid_feature", type=int, choices=(64, 192, 768, 2048), default=2048,
                         help="Inception layer: 2048 (pool) is the standard FID; the smaller ones are quick checks")

@@ -22,13 +22,13 @@ from PIL import Image
 from tqdm import tqdm
 
 import lora
-import low_memory
 import outputs
 from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
 from errors import UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, load_fid, read_eval_set
 from generation import (add_generation_flags, check_checkpoint, check_generation_flags, generate, load_pipeline,
                         save_image, vae_settings)
+from low_memory import LowMemory
 from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 from patch_fid import (FEATURES_FILE, PATCH_SEED, PATCH_SIZE, PATCHES_PER_IMAGE, patch_fid_features,
@@ -135,7 +135,7 @@ def generation_settings(args):
             **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
             "dtype": args.dtype, "json_file": str(Path(args.json_file).resolve()),
             **lora.generation_settings(args.lora_path, args.lora_scale),
-            **low_memory.from_args(args, changes_images=True)}
+            **LowMemory.from_args(args).settings(changes_images=True)}
 
 
 def main(args):
@@ -187,10 +187,9 @@ def run(args, state):
             outputs.write_json(Path(args.save_path) / SETTINGS_FILE, settings)
         mine = todo[state.process_index::state.num_processes]
         if mine:
-            pipe = load_pipeline(args.model, args.checkpoint_path, dtype=args.dtype, device=state.device,
-                                 vae_mode=args.vae_mode, grid=args.grid,
-                                 vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
-                                 lora_scale=args.lora_scale, **low_memory.from_args(args))
+            pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, state.device,
+                                 args.pretrained_vae_model_name_or_path, args.lora_path, args.lora_scale,
+                                 LowMemory.from_args(args))
             pipe.set_progress_bar_config(disable=True)  # one bar per process, over its images, with an ETA
             for i in tqdm(mine, desc=f"generating (process {state.process_index})", unit="image",
                           position=state.process_index):
@@ -248,7 +247,7 @@ def run(args, state):
 
 
 def parse_args(argv=None):
-    """(parser, args); the defaults are the paper's evaluation settings, or the authors' (PROTOCOL.md §6)."""
+    """The flags; the defaults are the paper's evaluation settings, or the authors' (PROTOCOL.md §6)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--protocol", choices=("paper", "authors"), default="paper",
                         help="paper: its text (SD3 28 steps), every metric on lossless PNGs; authors: their script "
@@ -285,8 +284,8 @@ def parse_args(argv=None):
     for flag in SAMPLING_FLAGS:
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(sampling, flag))
-    return parser, args
+    return args
 
 
 if __name__ == "__main__":
-    exit_on_usage_error("generate_and_eval_fid.py", main, parse_args()[1])
+    exit_on_usage_error("generate_and_eval_fid.py", main, parse_args())

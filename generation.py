@@ -1,22 +1,23 @@
 """4K generation with the stock SD3 / Flux pipelines and the F=16 VAE: the core of test_sd3.py and test_flux.py.
 
 Public API (also used by generate_and_eval_fid.py; keep it stable):
-    load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, cpu_offload, vae_path=None) -> pipeline
+    load_pipeline(model, checkpoint_path, vae_mode, grid, dtype, device, vae_path, lora_path, lora_scale, memory)
+                                               -> pipeline (memory: a low_memory.LowMemory)
     generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed, ...) -> (PIL image, timings)
     output_stem / output_path / prompt_slug   file names that say what made the image
     save_image(image, path, metadata, extra=None, overwrite=False); read_image_settings(path)
     add_generation_flags(parser, sampling)     the flags every generating script shares
-    main(args) / cli(model)                    the command line shared by both scripts
+    parse_args(model, argv) / main(args)       the command line shared by both scripts
 The per-model settings (the paper's inference steps, guidance, T5 length) are models.MODELS[model].inference.
 """
 import argparse
+import dataclasses
 import hashlib
 import json
 import re
 import time
 import unicodedata
 import warnings
-from dataclasses import fields
 from pathlib import Path
 
 import diffusers
@@ -26,9 +27,11 @@ from PIL import Image, PngImagePlugin
 import lora
 import low_memory
 import outputs
-from errors import UsageError, check_at_least, exit_on_usage_error
+from checkpoints import TRAINER_STATE
+from errors import UsageError, check_at_least
+from low_memory import LowMemory
 from models import MODELS, Sampling, max_image_side, model_of
-from partitioned_vae import VAE_MODES, check_size, find_vae_dir, quiet_config_warning, use_f16_vae
+from partitioned_vae import GENERATION_MODES, VAE_MODES, check_size, load_vae, use_f16_vae
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OFFLOADS = low_memory.OFFLOADS
@@ -84,9 +87,6 @@ def missing_component_file(folder):
     if any((folder / name).is_file() for name in COMPONENT_WEIGHT_FILES) or any(folder.glob("*.safetensors")):
         return None
     return f"weights in {folder} ({' or '.join(COMPONENT_WEIGHT_FILES[:2])})"
-
-
-TRAINER_STATE = "trainer_state.json"  # what the trainers write into each checkpoint-N folder
 
 
 def pipeline_folders(checkpoint_path):
@@ -209,38 +209,38 @@ def read_prompts(prompt=None, prompt_file=None):
 #                              Loading and generating                           #
 #################################################################################
 
-def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda",
-                  cpu_offload="none", vae_path=None, lora_path=None, lora_scale=1.0, layerwise_casting="none",
-                  quantize="none", vae_tiling=False, compile=False):
+def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype="bf16", device="cuda", vae_path=None,
+                  lora_path=None, lora_scale=1.0, memory=LowMemory()):
     """The stock diffusers pipeline of `model` ("sd3" | "flux") from a local folder, with the F=16 VAE.
 
-    vae_mode (partitioned_vae.VAE_MODES): "f8" keeps the stock F=8 VAE (the paper's baseline); "full" /
+    vae_mode (partitioned_vae.GENERATION_MODES): "f8" keeps the stock F=8 VAE (the paper's baseline); "full" /
     "partitioned" / "subpixel" decode exactly (same image), "authors" with the authors' one-pixel crop (their SC-VAE
     checkpoint flux_wavelet_v2_sc); grid: partitions per side. vae_path: a VAE folder (or pipeline folder with vae/)
     to use instead of the checkpoint's, e.g. an SC-VAE from train_sc_vae.py.
     dtype: "bf16" | "fp16" | "fp32" or a torch.dtype. device: falls back to the CPU with a warning without CUDA.
-    cpu_offload: "none" | "model" | "sequential" | "group" (diffusers' offload hooks; GPU only, ignored with a
-    warning on the CPU). Raises UsageError on a missing file.
-    lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). layerwise_casting, quantize,
-    vae_tiling, compile: low_memory.py (a mode the device cannot run is refused before anything loads).
+    lora_path / lora_scale: an adapter fused into the transformer (lora.load_lora). memory: low_memory.LowMemory
+    (offload hooks, fp8 storage, torchao, VAE tiling, compile; a mode the device cannot run is refused before anything
+    loads, --cpu_offload is ignored with a warning on the CPU). Raises UsageError on a missing file.
     """
     if model not in MODELS:
         raise UsageError(f"Unknown model {model!r}: choose one of {', '.join(MODELS)}.")
-    if vae_mode not in VAE_MODES:
-        raise UsageError(f"Unknown --vae_mode {vae_mode!r}: choose one of {', '.join(VAE_MODES)}.")
-    if cpu_offload not in OFFLOADS:
-        raise UsageError(f"Unknown --cpu_offload {cpu_offload!r}: choose one of {', '.join(OFFLOADS)}.")
+    if vae_mode not in GENERATION_MODES:
+        raise UsageError(f"Unknown --vae_mode {vae_mode!r}: choose one of {', '.join(GENERATION_MODES)}.")
+    if memory.cpu_offload not in OFFLOADS:
+        raise UsageError(f"Unknown --cpu_offload {memory.cpu_offload!r}: choose one of {', '.join(OFFLOADS)}.")
     check_checkpoint(model, checkpoint_path)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
-    low_memory.check_low_memory(device, cpu_offload, layerwise_casting, quantize, compile)
+    low_memory.check_low_memory(device, memory.cpu_offload, memory.layerwise_casting, memory.quantize, memory.compile)
     if lora_path is not None:
         lora.adapter_file(lora_path)
     base, transformer = pipeline_folders(checkpoint_path)
-    quantization = low_memory.quantization_config(quantize)
+    quantization = low_memory.quantization_config(memory.quantize)
     with warnings.catch_warnings():  # recent diffusers renamed `torch_dtype` to `dtype`; older ones know only this
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        components = {"vae": load_vae_folder(vae_path, torch_dtype)} if vae_path else {}
+        # F=8 as saved (an SC-VAE's folder too): converted below with the rest of the pipeline.
+        components = {"vae": load_vae(vae_path, "f8", torch_dtype=torch_dtype,
+                                      flag="--pretrained_vae_model_name_or_path")} if vae_path else {}
         if transformer is not None:  # a training checkpoint: its transformer, the rest from the base pipeline
             components["transformer"] = MODELS[model].transformer_class.from_pretrained(
                 transformer, torch_dtype=torch_dtype,
@@ -248,30 +248,22 @@ def load_pipeline(model, checkpoint_path, vae_mode="partitioned", grid=2, dtype=
             quantization = None
         pipe = MODELS[model].pipeline_class.from_pretrained(base, torch_dtype=torch_dtype,
                                                             quantization_config=quantization, **components)
-    if vae_mode != "f8":
+    if VAE_MODES[vae_mode].f16:
         use_f16_vae(pipe, vae_mode, grid)
     if lora_path is not None:
         lora.load_lora(pipe, lora_path, lora_scale)
-    if cpu_offload != "none" and device.type == "cpu":
-        warnings.warn(f"--cpu_offload {cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
-        cpu_offload = "none"
-    return low_memory.apply_low_memory(pipe, device, cpu_offload, layerwise_casting, vae_tiling, compile)
-
-
-def load_vae_folder(vae_path, torch_dtype):
-    """The AutoencoderKL of a VAE folder or pipeline folder (F=8 as saved; load_pipeline converts it)."""
-    try:
-        vae_dir = find_vae_dir(vae_path)
-    except FileNotFoundError as error:
-        raise UsageError(f"--pretrained_vae_model_name_or_path: {error}") from None
-    with quiet_config_warning():
-        return diffusers.AutoencoderKL.from_pretrained(vae_dir, torch_dtype=torch_dtype)
+    if memory.cpu_offload != "none" and device.type == "cpu":
+        warnings.warn(f"--cpu_offload {memory.cpu_offload} only saves GPU memory: ignored on the CPU.", stacklevel=2)
+        memory = dataclasses.replace(memory, cpu_offload="none")
+    return low_memory.apply_low_memory(pipe, device, memory.cpu_offload, memory.layerwise_casting, memory.vae_tiling,
+                                       memory.compile)
 
 
 def vae_settings(vae_mode, grid, vae_path=None):
     """What a saved image records about its VAE."""
-    return {"vae": "F8 (stock)" if vae_mode == "f8" else "F16", "vae_mode": vae_mode,
-            "grid": None if vae_mode == "f8" else grid, "vae_path": None if vae_path is None else str(vae_path)}
+    f16 = VAE_MODES[vae_mode].f16
+    return {"vae": "F16" if f16 else "F8 (stock)", "vae_mode": vae_mode, "grid": grid if f16 else None,
+            "vae_path": None if vae_path is None else str(vae_path)}
 
 
 def generate(pipe, prompt, height, width, num_inference_steps, guidance_scale, seed=0, max_sequence_length=None,
@@ -342,10 +334,11 @@ def output_stem(model, prompt, height, width, guidance_scale, seed, vae_mode="pa
     `sd3_a-snow-leopard-resting-on-a-lichen-covered-gran-1a2b3c4d_h4096-w3072_g7_seed0`.
 
     The 8 hex digits hash the whole prompt, so prompts that share their first words get different names. The VAE
-    modes that change the image are named (-f8, -authors); the exact F=16 modes give the same image and name.
+    modes that change the image are named by their tag (partitioned_vae.VAE_MODES: -f8, -authors); the exact F=16
+    modes give the same image and name.
     """
     digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
-    vae = {"f8": "-f8", "authors": "-authors"}.get(vae_mode, "")
+    vae = VAE_MODES[vae_mode].tag
     return f"{model}{vae}_{prompt_slug(prompt)}-{digest}_h{height}-w{width}_g{guidance_scale:g}_seed{seed}"
 
 
@@ -435,9 +428,9 @@ def main(args):
 
 def generate_jobs(args, jobs):
     """Load the pipeline, generate and save each (prompt, seed, path) of `jobs`; returns the saved paths."""
+    memory = LowMemory.from_args(args)
     pipe = load_pipeline(args.model, args.checkpoint_path, args.vae_mode, args.grid, args.dtype, args.device,
-                         vae_path=args.pretrained_vae_model_name_or_path, lora_path=args.lora_path,
-                         lora_scale=args.lora_scale, **low_memory.from_args(args))
+                         args.pretrained_vae_model_name_or_path, args.lora_path, args.lora_scale, memory)
     check_resolution(pipe, args.height, args.width)
     settings = {
         "model": args.model, "checkpoint_path": str(args.checkpoint_path),
@@ -445,7 +438,7 @@ def generate_jobs(args, jobs):
         "guidance_scale": args.guidance_scale, "max_sequence_length": args.max_sequence_length,
         **vae_settings(args.vae_mode, args.grid, args.pretrained_vae_model_name_or_path),
         "scheduler": type(pipe.scheduler).__name__,
-        "dtype": args.dtype, "device": str(pipe._execution_device), **low_memory.from_args(args),
+        "dtype": args.dtype, "device": str(pipe._execution_device), **memory.settings(),
         **lora.generation_settings(args.lora_path, args.lora_scale),
         "generator": "torch.Generator('cpu').manual_seed(seed)",
         "diffusers": diffusers.__version__, "torch": torch.__version__,
@@ -469,12 +462,12 @@ def generate_jobs(args, jobs):
 
 def add_generation_flags(parser, sampling=None):
     """Flags of every generating script; sampling defaults: `sampling`'s, or None for the script to fill per model."""
-    for field in fields(Sampling):  # num_inference_steps, guidance_scale, max_sequence_length (T5 tokens)
+    for field in dataclasses.fields(Sampling):  # num_inference_steps, guidance_scale, max_sequence_length (T5 tokens)
         parser.add_argument(f"--{field.name}", type=field.type, default=getattr(sampling, field.name, None),
                             help=None if sampling else "default: the chosen model's (models.py)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the CPU generator")
     parser.add_argument("--save_format", choices=("png", "jpg"), default="png", help="jpg: quality 95, as the authors")
-    parser.add_argument("--vae_mode", choices=VAE_MODES, default="partitioned",
+    parser.add_argument("--vae_mode", choices=GENERATION_MODES, default="partitioned",
                         help="f8: the stock F=8 VAE (baseline); full / partitioned / subpixel: the F=16 VAE, exact "
                              "(same image); authors: F=16 with the authors' one-pixel crop (flux_wavelet_v2_sc)")
     parser.add_argument("--grid", type=int, default=2, help="partitions per side (partitioned, authors)")
@@ -508,7 +501,6 @@ def build_parser(model):
     return parser
 
 
-def cli(model, argv=None):
-    """Entry point of test_sd3.py / test_flux.py: parse, generate, report a user's mistake without a traceback."""
-    parser = build_parser(model)
-    return exit_on_usage_error(parser.prog, main, parser.parse_args(argv))
+def parse_args(model, argv=None):
+    """The flags of test_sd3.py / test_flux.py (`model`), parsed."""
+    return build_parser(model).parse_args(argv)

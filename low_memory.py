@@ -7,6 +7,8 @@ torch.compile) and of torchao through diffusers' quantisation support, each chos
     --vae_tiling                                       the F=16 VAE decodes tile by tile (diffusers' blended tiles)
     --compile                                          torch.compile of the transformer's repeated blocks
 """
+from dataclasses import asdict, dataclass
+
 import torch
 from diffusers import PipelineQuantizationConfig, TorchAoConfig
 
@@ -19,6 +21,26 @@ LAYERWISE_CASTING = {"none": None, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": 
 QUANTIZE = ("none", "int8wo", "float8wo", "float8dq")
 FP8_QUANTIZE = ("float8wo", "float8dq")
 GROUP_OFFLOAD_BLOCKS = 1  # transformer blocks moved to the GPU at a time by --cpu_offload group
+
+
+@dataclass(frozen=True)
+class LowMemory:
+    """One run's memory savings, the flags of the same names (none by default)."""
+    cpu_offload: str = "none"
+    layerwise_casting: str = "none"
+    quantize: str = "none"
+    vae_tiling: bool = False
+    compile: bool = False
+
+    @classmethod
+    def from_args(cls, args):
+        """The settings of parsed flags (add_generation_flags)."""
+        return cls(args.cpu_offload, args.layerwise_casting, args.quantize, args.vae_tiling, args.compile)
+
+    def settings(self, changes_images=False):
+        """The settings as image metadata; changes_images: only those that change the pixels (not --cpu_offload,
+        which moves the same numbers), as the settings an eval folder may not mix."""
+        return {k: v for k, v in asdict(self).items() if not (changes_images and k == "cpu_offload")}
 
 
 def torchao_config(name):
@@ -128,11 +150,3 @@ def add_generation_flags(parser):
     parser.add_argument("--vae_tiling", action="store_true",
                         help="decode in overlapping tiles blended at the seams (diffusers; not the same image)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer's repeated blocks")
-
-
-def from_args(args, changes_images=False):
-    """The low-memory settings of parsed flags, as load_pipeline's keyword arguments and image metadata.
-    changes_images: only those that change the pixels (not --cpu_offload, which moves the same numbers), as the
-    settings an eval folder may not mix."""
-    names = ("layerwise_casting", "quantize", "vae_tiling", "compile")
-    return {name: getattr(args, name) for name in (names if changes_images else ("cpu_offload",) + names)}

@@ -28,6 +28,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from PIL import Image
 
+from errors import exit_on_usage_error
 from partitioned_vae import make_f16_vae
 from tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
@@ -391,7 +392,7 @@ def main(args):
         build_miniature(args.output_dir, args.size, args.vae_steps, args.transformer_steps, args.seed)
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", required=True, help="the pipeline folder to write (kept if already built)")
     parser.add_argument("--model", choices=["sd3", "flux"], default="sd3")
@@ -402,4 +403,8 @@ if __name__ == "__main__":
     parser.add_argument("--transformer_steps", type=int, default=DEFAULTS["transformer_steps"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("miniature.py", main, parse_args())

@@ -143,6 +143,15 @@ def load_lpips(net, backbone_file, heads_file=None, device="cpu"):
     return metric.eval().requires_grad_(False).to(device)
 
 
+def add_lpips_flags(parser, net):
+    """--lpips_net (default `net`), --lpips_backbone and --lpips_heads: the local files load_lpips reads."""
+    parser.add_argument("--lpips_net", choices=tuple(LPIPS_BACKBONES), default=net,
+                        help="LPIPS backbone: alex (the usual choice for reporting) or vgg (the authors' SC-VAE loss)")
+    parser.add_argument("--lpips_backbone", default=None, help="torchvision ImageNet weights of --lpips_net "
+                        "(alexnet-owt-7be5be79.pth / vgg16-397923af.pth)")
+    parser.add_argument("--lpips_heads", default=None, help="LPIPS v0.1 linear heads (default: the lpips package's)")
+
+
 def lpips_distance(metric, x, x_hat):
     """Per-image LPIPS (B,) of images in [0, 1] (the network sees [-1, 1])."""
     return metric(2 * x - 1, 2 * x_hat - 1).flatten()

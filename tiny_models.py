@@ -9,6 +9,8 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
+from errors import exit_on_usage_error
+
 # Latent normalisation of the real checkpoints (PROTOCOL.md §2): kept so the tiny pipelines exercise the same code.
 VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
 CLIP_MAX_LENGTH = 77
@@ -268,10 +270,14 @@ def main(args):
             print(f"--{flag} {path}")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", required=True, help="folder that receives tiny-sd3/ and tiny-flux/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metrics", action="store_true",
                         help="also write OUT/tiny-metrics/: random stand-ins of the FID, CLIPScore, Aesthetics models")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("tiny_models.py", main, parse_args())

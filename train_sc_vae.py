@@ -29,14 +29,14 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import outputs
-from accelerated import DataProblems, add_run_flags, make_accelerator, step_generator
+from accelerated import DataProblems, add_run_flags, end_run, make_accelerator, step_generator
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
 from errors import UsageError, check_at_least, exit_on_usage_error
 from imagefolder import (IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, collate, crop_pixels, find_images,
                          is_upscaled, list_images, load_image)
 from partitioned_vae import DECODE_MODES, load_vae, make_f16_vae
-from reconstruction import LPIPS_BACKBONES, load_lpips, pixel_metrics
+from reconstruction import LPIPS_BACKBONES, add_lpips_flags, load_lpips, pixel_metrics
 
 logger = get_logger(__name__)
 
@@ -383,9 +383,7 @@ def fine_tune(args):
                    **skipped, "train_images": len(dataset), "seconds": round(time.time() - started, 1), **metrics}
         outputs.write_json(output_dir / "train_summary.json", summary)
         logger.info(f"Saved the SC-VAE to {output_dir / 'vae'}")
-    accelerator.end_training()
-    if torch.distributed.is_initialized():  # tear the process group down now, not in a rank's exit
-        torch.distributed.destroy_process_group()
+    end_run(accelerator)
     return summary
 
 
@@ -429,9 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--gen_scale", type=float, default=0.05, help="authors: 0.05; 0: no discriminator")
     p.add_argument("--sc_scale", type=float, default=1.0, help="scale consistency (authors: 1)")
     p.add_argument("--gp_weight", type=float, default=10.0, help="gradient penalty on real images (authors: 10)")
-    p.add_argument("--lpips_net", choices=tuple(LPIPS_BACKBONES), default="vgg", help="authors: vgg")
-    p.add_argument("--lpips_backbone", default=None, help="torchvision ImageNet weights of --lpips_net")
-    p.add_argument("--lpips_heads", default=None, help="LPIPS v0.1 linear heads (default: the lpips package's)")
+    add_lpips_flags(p, "vgg")  # authors: vgg
     p.add_argument("--discriminator_channels", type=int, default=512)
     p.add_argument("--discriminator_depth", type=int, default=6)
     p.add_argument("--use_ema", action="store_true", help="keep an EMA of the decoder; it is what is saved")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 import lora
 import outputs
 import parquet_shards
-from accelerated import (DataProblems, add_run_flags, gather_union, make_accelerator, step_generator,
+from accelerated import (DataProblems, add_run_flags, end_run, gather_union, make_accelerator, step_generator,
                          warn_problems)
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
@@ -40,7 +40,7 @@ from errors import UsageError, check_at_least
 from imagefolder import (IMAGE_ERRORS, BucketSampler, KeyedImages, StreamSampler, bucket_sizes, collate, crop_pixels,
                          image_size, is_upscaled, load_record_image, nearest_bucket, read_metadata)
 from models import MODELS, max_image_side
-from partitioned_vae import check_size, load_f16_vae, use_f16_vae
+from partitioned_vae import check_size, load_vae, use_f16_vae
 from wavelet import WaveletLoss, parse_band_weights
 
 logger = get_logger(__name__)
@@ -655,7 +655,8 @@ def fine_tune(args, spec, lora_config):
     files, embedded = embed_captions(accelerator, spec, model_dir, captions, cache_dir, args.max_sequence_length,
                                      weight_dtype)
     # Frozen F=16 VAE; optionally cache latents (centre crop and its mirror image), split over the processes:
-    vae = load_f16_vae(model_dir, subfolder="vae", torch_dtype=weight_dtype).to(device).requires_grad_(False)
+    vae = load_vae(model_dir, torch_dtype=weight_dtype, flag="--pretrained_model_name_or_path")
+    vae.to(device).requires_grad_(False)
     latents = None
     if args.cache_latents:
         latents = latent_files(records, args.instance_data_dir, cache_dir, vae_identity(model_dir), args.resolution,
@@ -759,10 +760,7 @@ def fine_tune(args, spec, lora_config):
     if validation and accelerator.is_main_process and args.max_train_steps % validation.steps:
         log_validation(accelerator, spec, model_dir, vae, transformer, global_step, validation)
     summary = write_summary(accelerator, args, "completed", global_step, problems, run)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():  # tear the process group down now, not in a rank's exit
-        torch.distributed.destroy_process_group()
+    end_run(accelerator)
     logger.info(f"Saved {saved} to {output_dir}")
     return summary
 

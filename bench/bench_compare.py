@@ -19,6 +19,7 @@ from skimage import data
 
 import bootstrap
 import compare
+from errors import exit_on_usage_error
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
@@ -111,4 +112,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    exit_on_usage_error("python -m bench.bench_compare", main, parse_args())

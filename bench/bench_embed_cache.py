@@ -14,6 +14,8 @@ import time
 from functools import partial
 from pathlib import Path
 
+from errors import exit_on_usage_error
+
 ROOT = Path(__file__).resolve().parents[1]
 # Real per-caption embedding sizes in bf16 (PROTOCOL.md §4, §11): SD3 (77 CLIP + 77 T5 tokens) x 4096 + pooled 2048;
 # Flux 512 T5 tokens x 4096 + pooled 768. Aesthetic-4K train has 12,015 captions.
@@ -109,7 +111,7 @@ def main(args):
                           f"held_in_memory_gib_for_{TRAIN_CAPTIONS}_captions": held}))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 300, 1000], help="numbers of captions")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -117,4 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=["cache", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--cache_dir", help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_embed_cache", main, parse_args())

@@ -22,6 +22,8 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from skimage import data
 
+from errors import exit_on_usage_error
+
 MODES = ("f8", "partitioned", "subpixel", "f8_half")
 PHOTOS = ("astronaut", "coffee", "chelsea")
 
@@ -101,10 +103,14 @@ def main(args):
                           "difference_db": abs(results["partitioned"]["psnr"] - results["subpixel"]["psnr"])}))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--images", type=int, default=1, help="photos per mode (1 to 3)")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_eval_vae", main, parse_args())

@@ -21,6 +21,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from bench.flops import flux_transformer_flops, image_tokens, peak_flops, sd3_transformer_flops
+from errors import exit_on_usage_error
 from generation import generate, load_pipeline
 from models import MODELS
 from partitioned_vae import MODES, use_f16_vae
@@ -282,7 +283,7 @@ def main(args):
     tiny_dir.cleanup()
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU (no GPU needed)")
     parser.add_argument("--models", nargs="+", choices=("sd3", "flux"), default=["sd3", "flux"])
@@ -290,4 +291,8 @@ if __name__ == "__main__":
     parser.add_argument("--offload", nargs="+", choices=("none", "model"), default=["none", "model"])
     parser.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step")
     parser.add_argument("--peak_tflops", type=float, default=None, help="override the GPU's bf16 peak for MFU")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_generation", main, parse_args())

@@ -20,6 +20,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import shannon_entropy
 
 import detail_metrics as dm
+from errors import exit_on_usage_error
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 IMAGES = []  # filled before the worker processes fork, so that they receive indices, not 50 MB arrays
@@ -127,9 +128,13 @@ def main(args):
         emit(bench="glcm", mode="ours_gpu", note="not measured: no GPU on this machine")
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--images", type=int, default=2, help="Photos per size (at most 4).")
     parser.add_argument("--workers", type=int, default=os.cpu_count())
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_glcm", main, parse_args())

@@ -16,6 +16,7 @@ import numpy as np
 import detail_metrics as dm
 import prepare_data
 from bench.bench_glcm import PHOTOS, reference_patch_scores, upscaled
+from errors import exit_on_usage_error
 
 
 def emit(**fields):
@@ -61,8 +62,12 @@ def main(args):
          hours=round(hours, 2), core_hours=round(hours * 16, 1))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=4096)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_prepare_data", main, parse_args())

@@ -122,7 +122,7 @@ def main(args):
                                                                 / results["wlf, cached latents"], 4)}))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny SD3 on the CPU (no GPU needed)")
     parser.add_argument("--resolution", type=int, default=None, help="default 4096 (GPU) / 256 (--smoke)")
@@ -130,4 +130,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case after one warm-up round")
     parser.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for --smoke")
-    exit_on_usage_error("bench_train_step", main, parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_train_step", main, parse_args())

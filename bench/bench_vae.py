@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
 
+from errors import exit_on_usage_error
 from partitioned_vae import MODES, PartitionedConv, make_f16_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +195,7 @@ def main(args):
         print(json.dumps(line))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--grid", type=int, default=2, help="partitions per side (the paper: 2)")
     parser.add_argument("--cpu_last_layer_size", type=int, default=2048, help="output side, fp32 last-layer runs")
@@ -202,4 +203,8 @@ if __name__ == "__main__":
     parser.add_argument("--cpu_decoder_size", type=int, default=512, help="output side, fp32 whole-decoder runs")
     parser.add_argument("--slow", action="store_true", help="also run `full` in the bf16 last-layer runs on the CPU")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_vae", main, parse_args())

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from errors import exit_on_usage_error
 from wavelet import WaveletLoss, haar_dwt2d
 
 
@@ -103,11 +104,15 @@ def main(args):
         }))
 
 
-if __name__ == "__main__":
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="4,16,256,256", help="latent B,C,H,W (SD3 at 4096^2 with the F=16 VAE)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    main(parser.parse_args())
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    exit_on_usage_error("python -m bench.bench_wavelet", main, parse_args())

@@ -36,7 +36,7 @@ import training
 from bench.bench_generation import (PAPER_A100, PROMPT, building_on, full_size_pipeline, full_size_vae,
                                     parameter_counts, ratio, sig, step_flops)
 from bench.flops import peak_flops
-from errors import UsageError
+from errors import UsageError, exit_on_usage_error
 from generation import generate, load_pipeline
 from models import MODELS
 from partitioned_vae import make_f16_vae
@@ -482,7 +482,7 @@ def main(args):
     return summary
 
 
-def build_parser():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the code path only")
     parser.add_argument("--out", default="gpu_sweep", help="folder for gpu_sweep.json and gpu_sweep.md")
@@ -492,10 +492,8 @@ def build_parser():
     parser.add_argument("--only", nargs="+", default=None, help="run only cases whose name holds one of these words")
     parser.add_argument("--train_case", choices=tuple(TRAIN_CASES), help=argparse.SUPPRESS)
     parser.add_argument("--skip", nargs="+", default=None, help="leave out cases whose name holds one of these words")
-    return parser
+    return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    from errors import exit_on_usage_error
-
-    exit_on_usage_error("python -m bench.gpu_sweep", main, build_parser().parse_args())
+    exit_on_usage_error("python -m bench.gpu_sweep", main, parse_args())

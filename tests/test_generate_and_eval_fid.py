@@ -63,7 +63,7 @@ def _argv(ckpt, eval_set, save_path, metric_files, *extra):
 def single_run(tiny_ckpts, eval_set, metric_files, tmp_path_factory):
     """One in-process run on a fresh folder: (save_path, metrics)."""
     save_path = tmp_path_factory.mktemp("run") / "out"
-    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files))
+    args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files))
     return save_path, main(args)
 
 
@@ -101,7 +101,7 @@ def test_run_writes_size_x_size_images_metrics_and_csv(single_run):
 def test_second_run_generates_nothing_and_reproduces_the_metrics(single_run, tiny_ckpts, eval_set, metric_files):
     save_path, metrics = single_run
     stamps = {p.name: p.stat().st_mtime_ns for p in save_path.glob("0*.png")}
-    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files))
+    args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files))
     again = main(args)
     assert {p.name: p.stat().st_mtime_ns for p in save_path.glob("0*.png")} == stamps
     assert {k: again[k] for k in METRICS} == {k: metrics[k] for k in METRICS}
@@ -109,7 +109,7 @@ def test_second_run_generates_nothing_and_reproduces_the_metrics(single_run, tin
 
 def test_resuming_with_other_settings_is_refused(single_run, tiny_ckpts, eval_set, metric_files):
     save_path, _ = single_run
-    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files, "--seed", "1"))
+    args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, save_path, metric_files, "--seed", "1"))
     with pytest.raises(ValueError, match="seed: 0 -> 1"):
         main(args)
 
@@ -163,7 +163,7 @@ def test_two_processes_resume_a_killed_run_with_the_same_images_and_metrics(sing
 
 def test_missing_or_wrong_metric_file_is_reported_before_generation(tiny_ckpts, eval_set, metric_files, tmp_path):
     head = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
-    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, tmp_path / "out", {**metric_files, "aesthetic_head": head}))
+    args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, tmp_path / "out", {**metric_files, "aesthetic_head": head}))
     with pytest.raises(UsageError) as error:
         main(args)
     assert "--aesthetic_head" in str(error.value) and "improved-aesthetic-predictor" in str(error.value)
@@ -174,7 +174,7 @@ def test_missing_or_wrong_metric_file_is_reported_before_generation(tiny_ckpts, 
 
 
 def test_skip_generation_needs_every_image(single_run, eval_set, metric_files, tmp_path):
-    _, args = parse_args(_argv("unused", eval_set, tmp_path, metric_files, "--skip_generation"))
+    args = parse_args(_argv("unused", eval_set, tmp_path, metric_files, "--skip_generation"))
     with pytest.raises(ValueError, match="4 of 4 images are missing"):
         main(args)
 
@@ -229,9 +229,9 @@ def test_eval_set_reads_prompts_and_real_images_next_to_the_jsonl(eval_set, tmp_
 def test_protocol_authors_takes_their_steps_and_t5_lengths():
     common = ["--json_file", "eval.jsonl", "--save_path", "out"]
     for model, tokens in (("sd3", 77), ("flux", 512)):
-        _, args = parse_args(common + ["--model", model, "--protocol", "authors"])
+        args = parse_args(common + ["--model", model, "--protocol", "authors"])
         assert (args.num_inference_steps, args.guidance_scale, args.max_sequence_length) == (50, 7.0, tokens)
-    _, paper = parse_args(common)
+    paper = parse_args(common)
     assert (paper.protocol, paper.num_inference_steps) == ("paper", 28)  # the paper's text for SD3
 
 
@@ -241,7 +241,7 @@ def test_protocol_authors_scores_glcm_and_cr_on_q95_jpegs_and_the_rest_on_lossle
     save_path, paper = single_run
     out = tmp_path / "authors"
     shutil.copytree(save_path, out)  # the same PNGs: only the JPEGs are new
-    _, args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, out, metric_files, "--protocol", "authors"))
+    args = parse_args(_argv(tiny_ckpts["sd3"], eval_set, out, metric_files, "--protocol", "authors"))
     authors = main(args)
     pngs = sorted(out.glob("0*.png"))
     jpgs = [png.with_suffix(".jpg") for png in pngs]

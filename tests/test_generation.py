@@ -14,9 +14,9 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.flops import flux_transformer_flops, sd3_transformer_flops
-from errors import UsageError
-from generation import (build_parser, check_resolution, cli, load_pipeline, main, output_stem, read_image_settings,
-                        read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
+from errors import UsageError, exit_on_usage_error
+from generation import (build_parser, check_resolution, load_pipeline, main, output_stem, parse_args,
+                        read_image_settings, read_prompts, resolve_device, resolve_dtype, save_image, sidecar_path)
 from models import MODELS
 from partitioned_vae import make_f16_vae
 
@@ -138,7 +138,8 @@ def test_size_not_a_multiple_of_32_names_the_nearest_sizes(tiny_ckpts, tmp_path,
     with pytest.raises(UsageError, match="480 or 512"):
         run(kind, tiny_ckpts[kind], tmp_path, "--height", "500")
     with pytest.raises(SystemExit) as exit_info:  # the CLI: one line on stderr, exit status 2, no traceback
-        cli(kind, ["--checkpoint_path", str(tiny_ckpts[kind]), "--width", "500", "--save_path", str(tmp_path)])
+        exit_on_usage_error(f"test_{kind}.py", main, parse_args(kind, ["--checkpoint_path", str(tiny_ckpts[kind]),
+                                                                     "--width", "500", "--save_path", str(tmp_path)]))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "width 500" in err and "480 or 512" in err and "Traceback" not in err

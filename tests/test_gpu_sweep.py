@@ -50,7 +50,7 @@ def test_tiny_sweep_measures_every_cpu_mode_and_says_what_it_skipped(repo_root, 
 
 
 def test_sweep_skips_what_does_not_fit_in_the_time_left(tmp_path):
-    args = gpu_sweep.build_parser().parse_args(["--tiny", "--out", str(tmp_path), "--budget_s", "-1",
+    args = gpu_sweep.parse_args(["--tiny", "--out", str(tmp_path), "--budget_s", "-1",
                                                 "--only", "glcm"])
     summary = gpu_sweep.main(args)
     assert not summary["records"]

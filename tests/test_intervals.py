@@ -106,10 +106,10 @@ def eval_folder(photos, tmp_path_factory):
 
 
 def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_folder, tmp_path):
-    plain = eval_fid_main(eval_fid_args(eval_folder(tmp_path / "plain", "--bootstrap", "0"))[1])
+    plain = eval_fid_main(eval_fid_args(eval_folder(tmp_path / "plain", "--bootstrap", "0")))
     both = eval_fid_main(eval_fid_args(eval_folder(
         tmp_path / "both", "--metrics", "fid,clip_score,aesthetics,glcm_score,compression_ratio,patch_fid",
-        "--patch_size", "48", "--patches_per_image", "3", "--bootstrap", "100"))[1])
+        "--patch_size", "48", "--patches_per_image", "3", "--bootstrap", "100")))
     for key in ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio", "num_images"):
         assert both[key] == plain[key]  # existing keys keep their values
         if key != "num_images":
@@ -128,14 +128,14 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
 
 def test_unknown_metric_is_a_usage_error(eval_folder, tmp_path):
     with pytest.raises(UsageError, match="--metrics 'fid,sharpness': choose from fid,"):
-        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "x", "--metrics", "fid,sharpness"))[1])
+        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "x", "--metrics", "fid,sharpness")))
     with pytest.raises(UsageError, match="--bootstrap must be at least 0, got -1"):
-        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1"))[1])
+        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1")))
 
 
 def test_patch_fid_defaults_are_ultrapixels_protocol():
     """UltraPixel's authors: crops the size of the FID extractor's input (Inception v3: 299), three per image."""
-    args = eval_fid_args(["--json_file", "m.jsonl", "--save_path", "out"])[1]
+    args = eval_fid_args(["--json_file", "m.jsonl", "--save_path", "out"])
     assert (args.patch_size, args.patches_per_image, args.patch_seed) == (299, 3, 0)
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     assert args.patch_size == FeatureExtractorInceptionV3.INPUT_IMAGE_SIZE  # the FID extractor's input, 1:1
@@ -145,7 +145,7 @@ def test_patch_fid_alone_is_deterministic_per_seed(eval_folder, tmp_path):
     def patch_run(name, seed):
         argv = eval_folder(tmp_path / name, "--metrics", "patch_fid", "--patch_size", "40", "--patch_seed", seed,
                            "--bootstrap", "0")
-        return eval_fid_main(eval_fid_args(argv)[1]), load_features(tmp_path / name / "features.npz")
+        return eval_fid_main(eval_fid_args(argv)), load_features(tmp_path / name / "features.npz")
 
     (first, f1), (again, f2), (_, f3) = patch_run("a", "0"), patch_run("b", "0"), patch_run("c", "1")
     assert set(first) >= {"patch_fid", "num_images"} and "fid" not in first

@@ -156,8 +156,8 @@ def test_eval_folder_refuses_images_of_another_adapter_or_quantisation(tiny_ckpt
     adapter = trained_adapter("sd3", tiny_ckpts["sd3"], tmp_path / "adapter")
 
     def settings(*flags):
-        _, args = fid.parse_args(["--checkpoint_path", str(tiny_ckpts["sd3"]), "--model", "sd3", "--json_file", "x",
-                                  "--save_path", str(tmp_path / "eval"), *flags])
+        args = fid.parse_args(["--checkpoint_path", str(tiny_ckpts["sd3"]), "--model", "sd3", "--json_file", "x",
+                              "--save_path", str(tmp_path / "eval"), *flags])
         return fid.generation_settings(args)
 
     first = settings("--lora_path", str(adapter), "--cpu_offload", "model")

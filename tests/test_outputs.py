@@ -153,7 +153,7 @@ def test_every_writing_script_stops_on_a_held_folder_before_loading(tiny_ckpts, 
               "--output_dir", str(out), "--lpips_scale", "0"]
     with held(out):
         with pytest.raises(UsageError, match="--save_path .*out is in use by another run"):
-            generate_and_eval_fid.main(generate_and_eval_fid.parse_args(fid)[1])
+            generate_and_eval_fid.main(generate_and_eval_fid.parse_args(fid))
         with pytest.raises(UsageError, match="--output_dir .*out is in use by another run"):
             train_sc_vae.main(train_sc_vae.parse_args(sc_vae))
 
@@ -385,12 +385,12 @@ def test_each_bad_flag_is_one_usage_error_naming_it_before_any_model_loads(tiny_
     for module, argv, message in cases:
         args = module.parse_args(argv)
         with pytest.raises(UsageError, match=message):
-            module.main(args[1] if isinstance(args, tuple) else args)
+            module.main(args)
         assert not out.exists(), (argv, message)  # no state from a run that failed its checks
     for flags, message in ((["--num_images", "0"], "--num_images must be at least 1"),
                            (["--num_inference_steps", "0"], "--num_inference_steps must be at least 1")):
         with pytest.raises(UsageError, match=message):
-            generation.main(generation.build_parser("sd3").parse_args(generate + flags))
+            generation.main(generation.parse_args("sd3", generate + flags))
         assert not out.exists()
 
 

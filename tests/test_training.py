@@ -408,9 +408,9 @@ def test_checkpoint_2_holds_the_step_2_transformer_and_the_generation_clis_load_
     assert not (checkpoint / "vae").exists() and not (checkpoint / "model_index.json").exists()  # nothing copied
     images = []
     for source, out in ((checkpoint, tmp_path / "from-checkpoint"), (tmp_path / "two", tmp_path / "from-pipeline")):
-        saved = generation.cli(kind, ["--checkpoint_path", str(source), "--prompt", "a photo of a cat", "--height",
-                                      "64", "--width", "64", "--num_inference_steps", "2", "--device", "cpu",
-                                      "--dtype", "fp32", "--save_path", str(out)])
+        saved = generation.main(generation.parse_args(kind, [
+            "--checkpoint_path", str(source), "--prompt", "a photo of a cat", "--height", "64", "--width", "64",
+            "--num_inference_steps", "2", "--device", "cpu", "--dtype", "fp32", "--save_path", str(out)]))
         images.append(np.asarray(Image.open(saved[0])))
     np.testing.assert_array_equal(images[0], images[1])
     # A moved base pipeline is named in the error, before anything is loaded.

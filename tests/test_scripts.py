@@ -1,0 +1,92 @@
+"""Every command-line script in one shape (parse_args(argv=None) -> args, main(args), exit_on_usage_error under
+__main__); each script's --vae_mode accepts exactly its part of partitioned_vae.VAE_MODES; each trainer sets every
+flag default the shared declarations leave to it."""
+import ast
+from pathlib import Path
+
+import pytest
+
+import accelerated
+import eval_vae
+import generate_and_eval_fid
+import test_flux
+import test_sd3
+import train_sc_vae
+import train_sd3
+from partitioned_vae import VAE_MODES
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(path for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]
+                 if 'if __name__ == "__main__":' in path.read_text())
+
+
+def test_the_scripts_are_found():
+    names = {path.name for path in SCRIPTS}
+    assert {"train_sd3.py", "train_sc_vae.py", "test_sd3.py", "eval.py", "eval_vae.py", "demo.py",
+            "generate_and_eval_fid.py", "gpu_sweep.py"} <= names and len(names) >= 20
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_script_has_parse_args_main_and_one_usage_error_exit(path):
+    tree = ast.parse(path.read_text())
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert "main" in functions and [a.arg for a in functions["main"].args.args] == ["args"]
+    parse_args = functions.get("parse_args")
+    assert parse_args is not None and [a.arg for a in parse_args.args.args] == ["argv"]
+    assert isinstance(parse_args.args.defaults[0], ast.Constant) and parse_args.args.defaults[0].value is None
+    [guard] = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+    [statement] = guard.body
+    prog = path.name if path.parent == ROOT else f"python -m bench.{path.stem}"
+    assert ast.unparse(statement) == f"exit_on_usage_error({prog!r}, main, parse_args())"
+
+
+def test_parse_args_returns_the_flags_alone():
+    args = generate_and_eval_fid.parse_args(["--json_file", "m.jsonl", "--save_path", "out"])
+    assert args.json_file == "m.jsonl" and args.num_inference_steps == 28  # the paper's SD3 setting filled in
+
+
+def accepts(parse, mode):
+    """Whether a script's flags take --vae_mode `mode`."""
+    try:
+        parse(mode)
+    except SystemExit:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("script, takes", [
+    (lambda m: test_sd3.parse_args(["--vae_mode", m]), lambda mode: mode.generates),
+    (lambda m: test_flux.parse_args(["--vae_mode", m]), lambda mode: mode.generates),
+    (lambda m: generate_and_eval_fid.parse_args(["--json_file", "j", "--save_path", "s", "--vae_mode", m]),
+     lambda mode: mode.generates),
+    (lambda m: eval_vae.parse_args(["--vae", "v", "--data_dir", "d", "--output_json", "o", "--vae_mode", m]),
+     lambda mode: True),
+    (lambda m: train_sc_vae.parse_args(["--pretrained_model_name_or_path", "p", "--train_data_dir", "d",
+                                        "--vae_mode", m]), lambda mode: mode.f16),
+], ids=["test_sd3", "test_flux", "generate_and_eval_fid", "eval_vae", "train_sc_vae"])
+def test_each_vae_mode_flag_takes_its_part_of_the_one_table(script, takes, capsys):
+    expected = {name for name, mode in VAE_MODES.items() if takes(mode)}
+    assert {name for name in [*VAE_MODES, "f16"] if accepts(script, name)} == expected
+    capsys.readouterr()
+
+
+# The shared run flags whose defaults differ: each trainer's own (the paper's, the authors' SC-VAE launch script).
+TRAINER_DEFAULTS = {
+    "train_sd3": dict(train_batch_size=8, gradient_accumulation_steps=1, gradient_checkpointing=True,
+                      max_train_steps=20000, learning_rate=1e-6, mixed_precision=None, num_validation_images=1,
+                      checkpointing_steps=5000),
+    "train_sc_vae": dict(train_batch_size=32, gradient_accumulation_steps=2, gradient_checkpointing=False,
+                         max_train_steps=None, learning_rate=1e-5, mixed_precision="no", num_validation_images=4,
+                         checkpointing_steps=10000),
+}
+
+
+@pytest.mark.parametrize("trainer, argv", [
+    (train_sd3, ["--pretrained_model_name_or_path", "p", "--instance_data_dir", "d"]),
+    (train_sc_vae, ["--pretrained_model_name_or_path", "p", "--train_data_dir", "d"]),
+], ids=["train_sd3", "train_sc_vae"])
+def test_each_trainer_sets_the_defaults_the_shared_flags_leave_to_it(trainer, argv):
+    args = vars(trainer.parse_args(argv))
+    expected = TRAINER_DEFAULTS[trainer.__name__]
+    assert {flag: args[flag] for flag in expected} == expected
+    assert set(expected) == set(accelerated.TRAINER_DEFAULTS) | {"checkpointing_steps"}
