@@ -769,9 +769,9 @@ def loss_from_args(args, weight_dtype):
     """(loss_fn, LossSettings) of the flags; --loss_precision autocast: in the mixed-precision dtype, as the authors."""
     autocast = args.loss_precision == "autocast"
     loss_fn = build_loss(args.loss, args.wavelet_levels, args.wavelet_band_weights, weight_dtype if autocast else None)
-    return loss_fn, LossSettings(args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale,
-                                 args.precondition_outputs, args.latent_shift,
-                                 weight_dtype if autocast else torch.float32)
+    return loss_fn, LossSettings(args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+                                 mode_scale=args.mode_scale, precondition_outputs=args.precondition_outputs,
+                                 latent_shift=args.latent_shift, loss_dtype=weight_dtype if autocast else torch.float32)
 
 
 def make_dataloader(dataset, bucket_of, args, accelerator, start_batch):

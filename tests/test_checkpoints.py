@@ -1,7 +1,7 @@
 """checkpoints.py and accelerated.py, shared by both trainers: a save killed mid-write leaves the previous checkpoint
 intact and the next resume removes it, a failed write stops train_sc_vae.py with its last checkpoint kept, an SC-VAE
-checkpoint of the earlier record still resumes, and the SC-VAE trainer runs the main trainer's launch check without
-importing training.py (CPU, tiny models)."""
+checkpoint of the earlier record still resumes, the SC-VAE trainer runs the main trainer's launch check without
+importing training.py, and each micro-batch's noise is a function of its key alone (CPU, tiny models)."""
 import json
 import shutil
 import signal
@@ -149,3 +149,13 @@ def test_unreadable_and_small_images_are_named_relative_to_the_data_folder_as_in
                                       32, random_flip=False, seed=0)
     sample = images[0, 0]
     assert sample["unreadable"][0].startswith("sub/broken.png: ") and sample["upscaled"] == ["sub/small.png"]
+
+
+def test_the_noise_of_a_micro_batch_depends_on_the_seed_step_micro_step_and_process_alone():
+    def draw(*key):
+        return torch.randn(4, generator=accelerated.step_generator(*key, "cpu"))
+
+    base = draw(0, 5, 1, 0)
+    torch.testing.assert_close(draw(0, 5, 1, 0), base, rtol=0, atol=0)  # a resumed run draws the same noise
+    for other in ((1, 5, 1, 0), (0, 6, 1, 0), (0, 5, 0, 0), (0, 5, 1, 1), (0, 1, 5, 0)):
+        assert not torch.equal(draw(*other), base), other

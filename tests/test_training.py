@@ -436,3 +436,16 @@ def test_loss_precision_autocast_reaches_the_loss_of_a_bf16_run(tiny_ckpts, data
     # twice that, and the chain rounds a few times (latents, sigma, z_t, prediction, x0_hat): 1 % bounds it, 0.11 %
     # measured (2.0229 against 2.0251). A loss computed from other draws or another target differs by far more.
     np.testing.assert_allclose(theirs["losses"], ours["losses"], rtol=0.01)
+
+
+def test_the_loss_flags_reach_the_loss_settings():
+    required = ["--pretrained_model_name_or_path", "p", "--instance_data_dir", "d"]
+    args = train_sd3.parse_args(required + [
+        "--weighting_scheme", "mode", "--logit_mean", "0.5", "--logit_std", "2", "--mode_scale", "1.5",
+        "--no-precondition_outputs", "--no-latent_shift", "--loss_precision", "autocast", "--loss", "mse"])
+    loss_fn, settings = training.loss_from_args(args, torch.bfloat16)
+    assert settings == training.LossSettings("mode", logit_mean=0.5, logit_std=2.0, mode_scale=1.5,
+                                             precondition_outputs=False, latent_shift=False, loss_dtype=torch.bfloat16)
+    assert loss_fn is training.weighted_mse
+    defaults = training.loss_from_args(train_sd3.parse_args(required), torch.bfloat16)[1]
+    assert defaults == training.LossSettings("logit_normal")  # fp32 whatever the mixed precision (--loss_precision)
