@@ -161,7 +161,7 @@ def discriminator_losses(discriminator, x, x_hat, gp_weight=10.0):
 
 
 #################################################################################
-#                          Checkpoints, validation, output                      #
+#                                   Validation                                  #
 #################################################################################
 
 @torch.no_grad()

@@ -294,7 +294,7 @@ def check_finite(accelerator, loss, step, output_dir):
 
 
 #################################################################################
-#                  Optimiser, checkpoints, validation, output                   #
+#                Optimiser, checkpoint model, validation, output                #
 #################################################################################
 
 def deepspeed_offloads_optimizer(accelerator):
@@ -801,7 +801,7 @@ def save_final(accelerator, transformer, lora_config, merge_lora, spec, model_di
 
 
 #################################################################################
-#                        Command-line flags of both trainers                    #
+#              Command-line flags of train_sd3.py and train_flux.py             #
 #################################################################################
 
 def build_parser(description, spec):
