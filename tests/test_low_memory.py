@@ -116,7 +116,8 @@ def test_compiled_transformer_gives_the_plain_image(tiny_ckpts, kind):
 from test_generation import pixels, run  # noqa: E402  (the generation CLIs' test helpers)
 from test_lora import trained_adapter  # noqa: E402
 
-from generation import cli, read_image_settings  # noqa: E402
+from errors import exit_on_usage_error  # noqa: E402
+from generation import main, parse_args, read_image_settings  # noqa: E402
 
 
 def test_generation_cli_fuses_the_adapter_at_its_scale_and_records_every_setting(tiny_ckpts, tmp_path):
@@ -145,7 +146,7 @@ def test_generation_cli_refuses_a_gpu_only_mode_or_a_foreign_adapter_before_gene
                            (["--lora_path", str(adapter)], "does not fit this SD3Transformer2DModel"),
                            (["--lora_path", str(tmp_path)], "holds no pytorch_lora_weights.safetensors")):
         with pytest.raises(SystemExit) as exit_info:
-            cli("sd3", base + flags)
+            exit_on_usage_error("test_sd3.py", main, parse_args("sd3", base + flags))
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("*.png")) if (tmp_path / "out").exists() else True
 
