@@ -17,9 +17,10 @@ from pathlib import Path
 from errors import exit_on_usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
-# Real per-caption embedding sizes in bf16 (PROTOCOL.md §4, §11): SD3 (77 CLIP + 77 T5 tokens) x 4096 + pooled 2048;
-# Flux 512 T5 tokens x 4096 + pooled 768. Aesthetic-4K train has 12,015 captions.
-REAL_BYTES_PER_CAPTION = {"sd3": (154 * 4096 + 2048) * 2, "flux": (512 * 4096 + 768) * 2}
+# Real per-caption embedding sizes in bf16 at the trainers' default T5 length, 77 for both models (models.py,
+# PROTOCOL.md §4, §11): SD3 (77 CLIP + 77 T5 tokens) x 4096 + pooled 2048; Flux 77 T5 tokens x 4096 + pooled 768.
+# Aesthetic-4K train has 12,015 captions.
+REAL_BYTES_PER_CAPTION = {"sd3": ((77 + 77) * 4096 + 2048) * 2, "flux": (77 * 4096 + 768) * 2}
 TRAIN_CAPTIONS = 12015
 
 
