@@ -160,3 +160,16 @@ def train_in_process(kind, checkpoint, data_dir, output_dir, *flags, cache=None,
     AcceleratorState._reset_state(reset_partial_state=True)
     trainer.main(trainer.parse_args(args))
     return json.loads((Path(output_dir) / "train_summary.json").read_text())
+
+
+def train_sc_vae_in_process(model_dir, data_dir, output_dir, *flags):
+    """One in-process train_sc_vae.py run at 32x32, batch 1, generator steps only (no LPIPS), a checkpoint a step."""
+    from accelerate.state import AcceleratorState
+
+    import train_sc_vae
+
+    argv = ["--pretrained_model_name_or_path", str(model_dir), "--train_data_dir", str(data_dir), "--output_dir",
+            str(output_dir), "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--lpips_scale", "0", "--gen_scale", "0", "--report_to", "none", "--checkpointing_steps", "1", *flags]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return train_sc_vae.main(train_sc_vae.parse_args(argv))

@@ -20,6 +20,7 @@ import accelerated
 import checkpoints
 import train_sc_vae
 from accelerated import DataProblems
+from conftest import train_sc_vae_in_process
 from errors import UsageError
 from tiny_models import build_tiny_vae
 
@@ -81,14 +82,8 @@ def sc_vae_run(tmp_path):
     data.mkdir()
     for name in ("astronaut", "coffee"):
         Image.fromarray(getattr(skdata, name)()).save(data / f"{name}.png")
-    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--output_dir",
-            str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps",
-            "1", "--lpips_scale", "0", "--gen_scale", "0", "--report_to", "none", "--checkpointing_steps", "1",
-            "--num_validation_images", "1"]
-
     def run(*flags):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return train_sc_vae.main(train_sc_vae.parse_args(argv + list(flags)))
+        return train_sc_vae_in_process(model, data, tmp_path / "out", "--num_validation_images", "1", *flags)
 
     return run, tmp_path / "out"
 

@@ -12,8 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import train_in_process
-from accelerate.state import AcceleratorState
+from conftest import train_in_process, train_sc_vae_in_process
 from PIL import Image
 from skimage import data as skdata
 
@@ -296,13 +295,8 @@ def test_a_resume_refuses_changed_defining_flags_and_allows_extending_ones(tiny_
 def test_the_sc_vae_trainer_refuses_an_earlier_run_and_changed_settings(tmp_path, dataset):
     model = tmp_path / "vae"
     build_tiny_vae("sd3", seed=0).save_pretrained(model)
-    argv = ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(dataset), "--output_dir",
-            str(tmp_path / "out"), "--resolution", "32", "--train_batch_size", "1", "--gradient_accumulation_steps",
-            "1", "--lpips_scale", "0", "--gen_scale", "0", "--report_to", "none", "--checkpointing_steps", "1",
-            "--max_train_steps", "1"]
     def run(*extra):
-        AcceleratorState._reset_state(reset_partial_state=True)
-        return train_sc_vae.main(train_sc_vae.parse_args(argv + list(extra)))
+        return train_sc_vae_in_process(model, dataset, tmp_path / "out", "--max_train_steps", "1", *extra)
 
     run()
     assert json.loads((tmp_path / "out/checkpoint-1/trainer_state.json").read_text())["settings"]["resolution"] == 32
