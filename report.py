@@ -4,6 +4,10 @@ The summary table with intervals and significance marks; then, per prompt, every
 per-image metrics, two 1:1 crops around the highest- and lowest-GLCM 64² patch of the first folder's image (the same
 region in every folder), and a zoom view per folder. A click on any thumbnail loads the original images (relative
 paths) into the zoom views of that prompt, at 1:1 pixels, centred on the same point in every column.
+
+Every thumbnail and crop is its own <img>, all on the one page, but their pixels live in sprite files (sprites/, a JPEG
+of thumbnails and a PNG of crops per 20 prompts): a browser's cost grows with the number of distinct files it loads,
+and the page of 2,000 prompts × 3 folders opens from 200 sprites where it did not from 18,000 files (BENCHMARKS.md).
 """
 import html
 import multiprocessing
@@ -20,14 +24,16 @@ from tqdm import tqdm
 from detail_metrics import glcm_patch_scores, grey64, to_rgb8
 
 GLCM_PATCH = 64
+PROMPTS_PER_SPRITE = 20  # prompts per sprite file (a row each)
 STYLE = """
 body{font-family:sans-serif;margin:16px;background:#fafafa;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eee}td.l{text-align:left}.sig{color:#b00;font-weight:bold}.ns{color:#888}
 .prompt{border-top:2px solid #ccc;margin-top:18px;padding-top:6px}
 .row{display:flex;gap:14px;flex-wrap:wrap}.col{width:%(thumb)dpx}
-.col img.thumb{max-width:%(thumb)dpx;cursor:crosshair;display:block}.m{font-size:12px;color:#444}
-.crops img{image-rendering:pixelated;margin:2px 2px 0 0;border:1px solid #999}
+.col img.thumb{cursor:crosshair;display:block}
+img.thumb,img.crop{object-fit:none}.m{font-size:12px;color:#444}
+.crops img{margin:2px 2px 0 0;border:1px solid #999}
 .zoom{position:relative;overflow:hidden;width:%(crop)dpx;height:%(crop)dpx;border:1px solid #444;background:#ddd}
 .zoom img{position:absolute;left:0;top:0;max-width:none;image-rendering:pixelated}
 """
@@ -71,21 +77,47 @@ def crop_box(width, height, x, y, crop):
     return left, top, min(left + crop, width), min(top + crop, height)
 
 
-def image_files(out, k, name, path, corners, thumb_size, crop_size):
-    """Write the thumbnail and the crops of one image; returns (relative paths, original width, height)."""
-    stem = Path(name).stem
-    thumb_path = Path("thumbs") / str(k) / f"{stem}.jpg"
-    crop_paths = [Path("crops") / str(k) / f"{stem}_{which}.png" for which in ("high", "low")]
-    (out / thumb_path).parent.mkdir(parents=True, exist_ok=True)
-    (out / crop_paths[0]).parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        width, height = image.size
-        for (x, y), crop_path in zip(corners, crop_paths):
-            image.crop(crop_box(width, height, x, y, crop_size)).save(out / crop_path)
-        image.thumbnail((thumb_size, thumb_size), Image.Resampling.LANCZOS)
-        image.save(out / thumb_path, quality=90)
-    return {"thumb": thumb_path.as_posix(), "crops": [p.as_posix() for p in crop_paths]}, width, height
+def sprite_cell(size):
+    """A sprite cell's side: `size` rounded up to JPEG's 16-pixel blocks, so no thumbnail bleeds into the next."""
+    return -(-size // 16) * 16
+
+
+def block_files(job, out, thumb_size, crop_size):
+    """Thumbnails and crops of a block of prompts, as two sprite files: a JPEG of the thumbnails (a row per prompt, a
+    cell per folder) and a lossless PNG of the crops (a row per prompt, two cells per folder: highest, lowest GLCM).
+
+    One file per block instead of one per image: a browser pays about 2 MB per distinct image file it loads
+    (BENCHMARKS.md), so 18,000 files for 2,000 prompts × 3 folders do not open where 200 sprites do.
+    job: (block index, [[path per folder] per prompt]). Returns, per prompt, per folder: {"thumb": (x, y, w, h),
+    "crops": [(x, y, w, h), (x, y, w, h)], "size": (width, height)} and the two sprites' relative paths.
+    """
+    index, prompts = job
+    folders, cell = len(prompts[0]), sprite_cell(thumb_size)
+    thumbs = Image.new("RGB", (folders * cell, len(prompts) * cell), "white")
+    crops = Image.new("RGB", (2 * folders * crop_size, len(prompts) * crop_size), "white")
+    placed = []
+    for row, paths in enumerate(prompts):
+        corners = glcm_extremes(paths[0])  # the first folder's extremes, the same region in every folder
+        columns = []
+        for k, path in enumerate(paths):
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+            width, height = image.size
+            boxes = []
+            for which, (x, y) in enumerate(corners):
+                crop = image.crop(crop_box(width, height, x, y, crop_size))
+                at = ((2 * k + which) * crop_size, row * crop_size)
+                crops.paste(crop, at)
+                boxes.append((*at, *crop.size))
+            image.thumbnail((thumb_size, thumb_size), Image.Resampling.LANCZOS)
+            thumbs.paste(image, (k * cell, row * cell))
+            columns.append({"thumb": (k * cell, row * cell, *image.size), "crops": boxes, "size": (width, height)})
+        placed.append(columns)
+    names = [Path("sprites") / f"{kind}_{index:05d}.{ext}" for kind, ext in (("thumbs", "jpg"), ("crops", "png"))]
+    (out / "sprites").mkdir(parents=True, exist_ok=True)
+    thumbs.save(out / names[0], quality=90)
+    crops.save(out / names[1])
+    return placed, [n.as_posix() for n in names]
 
 
 #################################################################################
@@ -124,43 +156,53 @@ def image_metrics(row):
     return " · ".join(p for p in parts if p)
 
 
-def prompt_section(out, runs, name, files, sizes):
+def sprite_img(src, box, css_class, alt, title, extra=""):
+    """An <img> showing the box (x, y, w, h) of a sprite at 1:1."""
+    x, y, w, h = box
+    return (f"<img class='{css_class}' src='{quote(src)}' width='{w}' height='{h}' style='object-position:-{x}px "
+            f"-{y}px'{extra} alt='{html.escape(alt)}' title='{html.escape(title)}'>")
+
+
+def prompt_section(out, runs, name, placed, sprites):
     """HTML of one prompt: a column per folder (thumbnail, metrics, crops, zoom view)."""
     prompt = next((run["rows"][name].get("prompt") for run in runs if run["rows"][name].get("prompt")), "")
     parts = [f"<div class='prompt' id='p-{html.escape(Path(name).stem)}'><b>{html.escape(name)}</b> "
              f"{html.escape(prompt)}<div class='row'>"]
-    for run, item, (width, height) in zip(runs, files, sizes):
+    for run, item in zip(runs, placed):
         full = quote(Path(os.path.relpath(Path(run["images"][name]).resolve(), out.resolve())).as_posix())
+        width, height = item["size"]
+        label = html.escape(run["label"])
         parts.append(
-            f"<div class='col'><div><b>{html.escape(run['label'])}</b></div>"
-            f"<img class='thumb' src='{quote(item['thumb'])}' data-full='{full}' data-w='{width}' data-h='{height}' "
-            f"alt='{html.escape(run['label'])} {html.escape(name)}' title='click: zoom here in every column'>"
-            f"<div class='m'>{image_metrics(run['rows'][name])} ({width}×{height})</div>"
-            f"<div class='crops'><img src='{quote(item['crops'][0])}' alt='highest-GLCM patch' title='highest-GLCM "
-            f"64² patch of the first folder, 1:1'><img src='{quote(item['crops'][1])}' alt='lowest-GLCM patch' "
-            f"title='lowest-GLCM 64² patch of the first folder, 1:1'></div>"
-            f"<div class='m'>crops: highest, lowest GLCM · zoom (click a thumbnail):</div>"
-            f"<div class='zoom'><img alt=''></div></div>")
+            f"<div class='col'><div><b>{label}</b></div>"
+            + sprite_img(sprites[0], item["thumb"], "thumb", f"{run['label']} {name}", "click: zoom here in every column",
+                         f" data-full='{full}' data-w='{width}' data-h='{height}'")
+            + f"<div class='m'>{image_metrics(run['rows'][name])} ({width}×{height})</div><div class='crops'>"
+            + "".join(sprite_img(sprites[1], box, "crop", f"{which}-GLCM patch",
+                                 f"{which}-GLCM 64² patch of the first folder, 1:1")
+                      for box, which in zip(item["crops"], ("highest", "lowest")))
+            + "</div><div class='m'>crops: highest, lowest GLCM · zoom (click a thumbnail):</div>"
+            "<div class='zoom'><img alt=''></div></div>")
     return "".join(parts) + "</div></div>"
 
 
-def prompt_files(paths, out, thumb_size, crop_size):
-    """Thumbnails and crops of one prompt's images (paths: one per folder, in folder order)."""
-    corners = glcm_extremes(paths[0])
-    return [image_files(out, k, Path(path).name, path, corners, thumb_size, crop_size) for k, path in enumerate(paths)]
-
-
-def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_size=128, workers=None):
-    """Write out/report.html with its thumbnails and crops (made by `workers` processes); returns the page's path."""
+def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_size=128, workers=None,
+                 prompts_per_sprite=PROMPTS_PER_SPRITE):
+    """Write out/report.html with its sprites of thumbnails and crops (made by `workers` processes); returns the
+    page's path."""
     out = Path(out)
-    task = partial(prompt_files, out=out, thumb_size=thumb_size, crop_size=crop_size)
-    jobs = [[run["images"][name] for run in runs] for name in paired]
+    task = partial(block_files, out=out, thumb_size=thumb_size, crop_size=crop_size)
+    prompts = [[run["images"][name] for run in runs] for name in paired]
+    jobs = [(i // prompts_per_sprite, prompts[i:i + prompts_per_sprite])
+            for i in range(0, len(prompts), prompts_per_sprite)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     with multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else nullcontext() as pool:
         results = pool.imap(task, jobs) if workers > 1 else map(task, jobs)
-        made = list(tqdm(results, total=len(jobs), desc="report", unit="prompt"))
-    sections = [prompt_section(out, runs, name, [m[0] for m in files], [m[1:] for m in files])
-                for name, files in zip(paired, made)]
+        with tqdm(total=len(prompts), desc="report", unit="prompt") as bar:
+            made = []
+            for placed, sprites in results:
+                made += [(item, sprites) for item in placed]
+                bar.update(len(placed))
+    sections = [prompt_section(out, runs, name, placed, sprites) for name, (placed, sprites) in zip(paired, made)]
     notes = "".join(f"<p>{html.escape(label)}: {len(names)} image(s) without a match in every folder, left out: "
                     f"{html.escape(', '.join(names[:10]))}{' …' if len(names) > 10 else ''}</p>"
                     for label, names in unpaired.items() if names)

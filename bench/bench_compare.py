@@ -4,13 +4,23 @@ and the FID bootstrap alone on --fid_images × 2048 features, against one scipy 
 
     python -m bench.bench_compare [--images 60] [--size 2048] [--target 2000] [--root /tmp/bench_compare]
     python -m bench.bench_compare --images 2000 --distinct 100      # the full size, ≈ 4 GB of disk
+    python -m bench.bench_compare --images 2000 --size 256          # the report's weight at 2,000 prompts, quickly
+
+The report is then opened in headless chromium (when installed): the time to its 'load' event, the distinct image
+files it loads, and the browser's peak memory. Thumbnails (256²) and crops (128²) are the same size for 256² and
+2048² images, so --size 256 gives the full-size page's weight in minutes.
 """
 import argparse
 import json
 import os
+import re
 import shutil
+import subprocess
+import threading
 import time
 from pathlib import Path
+
+import psutil
 
 import numpy as np
 import scipy.linalg
@@ -50,6 +60,51 @@ def make_folders(root, n, size, distinct=None, seed=0):
     return folders
 
 
+# Injected before the page's own script: after 'load', how long it took and whether every <img> with a source decoded.
+ON_LOAD = """<script>window.addEventListener('load', function () {
+  var imgs = Array.from(document.querySelectorAll('img')), r = {load_ms: Math.round(performance.now()),
+    imgs: imgs.length, thumbs: document.querySelectorAll('img.thumb').length,
+    files: new Set(imgs.map(function (i) { return i.getAttribute('src'); }).filter(Boolean)).size,
+    broken: imgs.filter(function (i) { return i.getAttribute('src') && !(i.complete && i.naturalWidth > 0); }).length};
+  var pre = document.createElement('pre'); pre.id = 'opened'; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});</script>"""
+
+
+def open_in_chromium(page, timeout):
+    """Open the report in headless chromium until 'load': {load_ms, imgs, thumbs, files, broken, wall_s,
+    memory_rise_gb}, or None without chromium. memory_rise_gb: the peak of the machine's memory in use (total minus
+    available, sampled every 0.1 s) above its value before the start; it counts chromium's shared memory, which the
+    processes' own sizes do not."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        return None
+    probe = page.with_name("report_open.html")
+    probe.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + ON_LOAD, 1), encoding="utf-8")
+    in_use = lambda: psutil.virtual_memory().total - psutil.virtual_memory().available  # noqa: E731
+    start, baseline, peak = time.perf_counter(), in_use(), [0]
+    browser = subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1200,900",
+                                "--dump-dom", probe.as_uri()], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+
+    def sample():
+        while browser.poll() is None:
+            peak[0] = max(peak[0], in_use() - baseline)
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        stdout, _ = browser.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        browser.kill()
+        stdout = ""
+    sampler.join()
+    found = re.search(r'<pre id="opened">(.*?)</pre>', stdout, re.S)
+    result = json.loads(found.group(1)) if found else {"load_ms": None, "timed_out_s": timeout}
+    return {**result, "wall_s": round(time.perf_counter() - start, 1), "memory_rise_gb": round(peak[0] / 2 ** 30, 2)}
+
+
 def time_fid_bootstrap(n, d, resamples):
     """(seconds of fid_ci with `resamples` resamples, seconds of one scipy sqrtm FID) on n × d features."""
     rng = np.random.default_rng(0)
@@ -87,6 +142,9 @@ def main(args):
                       "report_html_kb": round(page.stat().st_size / 1024),
                       "report_files_mb": round(sum(p.stat().st_size for p in files) / 2 ** 20, 1),
                       "load_average_1min": os.getloadavg()[0]}))
+    opened = open_in_chromium(page, args.open_timeout)
+    print(json.dumps({"stage": "open_report", "prompts": args.images, "chromium": opened or "not installed",
+                      "load_average_1min": os.getloadavg()[0]}))
     fid_seconds, scipy_seconds = time_fid_bootstrap(args.fid_images, 2048, args.bootstrap)
     print(json.dumps({"stage": "fid_bootstrap", "images": args.fid_images, "features": 2048,
                       "resamples": args.bootstrap, "seconds": round(fid_seconds, 1),
@@ -108,6 +166,7 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--root", default="/tmp/bench_compare", help="scratch folder (deleted at the end)")
     parser.add_argument("--keep", action="store_true", help="keep the images and the report")
+    parser.add_argument("--open_timeout", type=int, default=900, help="seconds chromium may take to open the report")
     return parser.parse_args(argv)
 
 

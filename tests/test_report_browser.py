@@ -1,9 +1,11 @@
 """report.html in a real headless browser (Debian's chromium): it loads without errors, shows every image and the
 table, and a click moves the zoom view of every column to the same point of the full-resolution originals."""
+import io
 import json
 import re
 import shutil
 import subprocess
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -120,10 +122,40 @@ def test_a_click_moves_the_zoom_to_the_same_point_of_every_full_resolution_origi
         assert zoom["left"] == f"{zoom['half'] - zoom['x']:g}px" and zoom["top"] == f"{zoom['half'] - zoom['y']:g}px"
 
 
+def page_imgs(out, css_class):
+    """[(sprite path, (x, y, w, h))] of the page's <img class=css_class>, in page order (parsed from the HTML)."""
+    imgs = re.findall(rf"<img class='{css_class}' src='([^']+)' width='(\d+)' height='(\d+)' "
+                      r"style='object-position:-(\d+)px -(\d+)px'", (out / "report.html").read_text())
+    return [(out / unquote(src), (int(x), int(y), int(w), int(h))) for src, w, h, x, y in imgs]
+
+
+def shown(sprite, box):
+    """The pixels an <img> shows of its sprite."""
+    x, y, w, h = box
+    return np.asarray(Image.open(sprite).convert("RGB"))[y:y + h, x:x + w]
+
+
+def test_thumbnails_and_crops_come_from_one_sprite_each_per_block_of_prompts(report):
+    out, folders, _ = report
+    thumbs, crops = page_imgs(out, "thumb"), page_imgs(out, "crop")
+    assert len(thumbs) == 3 * len(SIZES) and len(crops) == 2 * 3 * len(SIZES)
+    assert {s for s, _ in thumbs} == {out / "sprites" / "thumbs_00000.jpg"}  # 2 prompts: one block
+    assert {s for s, _ in crops} == {out / "sprites" / "crops_00000.png"}
+    for (sprite, box), (i, folder) in zip(thumbs, [(i, f) for i in range(len(SIZES)) for f in folders]):
+        expected = Image.open(folder / f"{i:05d}.png").convert("RGB")
+        expected.thumbnail((256, 256), Image.Resampling.LANCZOS)
+        assert box[2:] == expected.size
+        alone = io.BytesIO()
+        expected.save(alone, "JPEG", quality=90)  # the same thumbnail as a file of its own
+        error = lambda a: np.abs(np.asarray(a).astype(int) - np.asarray(expected).astype(int)).mean()  # noqa: E731
+        assert error(shown(sprite, box)) < error(Image.open(alone).convert("RGB")) + 0.5
+
+
 def test_crops_are_the_same_region_of_every_folder_at_one_to_one(report):
     out, folders, _ = report
+    crops = page_imgs(out, "crop")
     for k, folder in enumerate(folders):
-        crop = np.asarray(Image.open(out / "crops" / str(k) / "00000_high.png"))
+        crop = shown(*crops[2 * k])  # the first prompt's highest-GLCM crop of folder k
         full = np.asarray(Image.open(folder / "00000.png").convert("RGB"))
         hits = [(top, left) for top in range(full.shape[0] - crop.shape[0] + 1)
                 for left in range(full.shape[1] - crop.shape[1] + 1)
@@ -135,12 +167,13 @@ def test_crops_are_the_same_region_of_every_folder_at_one_to_one(report):
 
 def test_the_default_crops_hold_the_highest_and_lowest_glcm_patches_of_the_first_folder(report):
     out, folders, _ = report
+    crops = page_imgs(out, "crop")
     full = np.asarray(Image.open(folders[0] / "00000.png").convert("RGB"))
     scores = glcm_patch_scores(grey64(full))  # the first folder's 64² patches, row-major
     per_row = full.shape[1] // 64
-    for which, k in (("high", int(np.argmax(scores))), ("low", int(np.argmin(scores)))):
+    for which, k in ((0, int(np.argmax(scores))), (1, int(np.argmin(scores)))):
         x, y = (k % per_row) * 64, (k // per_row) * 64
-        crop = np.asarray(Image.open(out / "crops" / "0" / f"00000_{which}.png"))
+        crop = shown(*crops[which])
         patch = full[y:y + 64, x:x + 64]
         assert any(np.array_equal(crop[t:t + 64, l:l + 64], patch)
                    for t in range(crop.shape[0] - 63) for l in range(crop.shape[1] - 63))
