@@ -30,7 +30,7 @@ body{font-family:sans-serif;margin:16px;background:#fafafa;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eee}td.l{text-align:left}.sig{color:#b00;font-weight:bold}.ns{color:#888}
 .prompt{border-top:2px solid #ccc;margin-top:18px;padding-top:6px}
-.row{display:flex;gap:14px;flex-wrap:wrap}.col{width:%(thumb)dpx}
+.row{display:flex;gap:14px;flex-wrap:wrap}.col{width:%(column)dpx}
 .col img.thumb{cursor:crosshair;display:block}
 img.thumb,img.crop{object-fit:none}.m{font-size:12px;color:#444}
 .crops img{margin:2px 2px 0 0;border:1px solid #999}
@@ -207,7 +207,7 @@ def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_s
                     f"{html.escape(', '.join(names[:10]))}{' …' if len(names) > 10 else ''}</p>"
                     for label, names in unpaired.items() if names)
     page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>Comparison</title><style>"
-            + STYLE % {"thumb": thumb_size, "crop": crop_size} + "</style></head><body><h1>Comparison of "
+            + STYLE % {"column": max(thumb_size, 2 * crop_size + 8), "crop": crop_size} + "</style></head><body><h1>Comparison of "
             + ", ".join(html.escape(run["label"]) for run in runs) + "</h1>"
             + "".join(f"<p>{html.escape(run['label'])}: {html.escape(run['folder'])} (per-image metrics: "
                       f"{html.escape(run['source'])})</p>" for run in runs)

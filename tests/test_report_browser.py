@@ -18,7 +18,8 @@ from detail_metrics import glcm_patch_scores, grey64
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 SIZES = [(200, 150), (160, 192)]  # (width, height) of the two prompts' images: one wide, one tall
-CLICK = (0.25, 0.6)  # where the test clicks, as fractions of the first thumbnail's width and height
+CLICK = (0.25, 0.6)
+WINDOW = ["--window-size=1200,1600", "--hide-scrollbars", "--force-device-scale-factor=1", "--force-color-profile=srgb"]  # where the test clicks, as fractions of the first thumbnail's width and height
 
 # Runs before the page's own script: records every error, then (after load) checks the page and clicks.
 SELF_TEST = """
@@ -37,6 +38,10 @@ window.addEventListener('load', function () {
       return i.getAttribute('src'); }).length
   };
   var first = thumbs[0], rect = first.getBoundingClientRect();
+  var crop = document.querySelector('img.crop'), box = crop.getBoundingClientRect();
+  result.first_crop = [box.left + crop.clientLeft, box.top + crop.clientTop];  // its content box, past the border
+  var tbox = first.getBoundingClientRect();
+  result.first_thumb = [tbox.left + first.clientLeft, tbox.top + first.clientTop];
   first.dispatchEvent(new MouseEvent('click', {bubbles: true, clientX: rect.left + %(fx)s * rect.width,
                                               clientY: rect.top + %(fy)s * rect.height}));
   var zooms = Array.from(first.closest('.prompt').querySelectorAll('.zoom img'));
@@ -78,7 +83,7 @@ def run_page(page):
     test_page = page.with_name("report_selftest.html")
     test_page.write_text(html.replace("<head>", f"<head><script>{script}</script>", 1))
     done = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-                           "--virtual-time-budget=60000", "--window-size=1200,900", "--dump-dom",
+                           "--virtual-time-budget=60000", *WINDOW, "--dump-dom",
                            test_page.as_uri()], capture_output=True, text=True, timeout=120)
     found = re.search(r"<pre id=\"selftest\">(.*?)</pre>", done.stdout, re.S)
     assert found, f"the self-test did not finish; chromium said: {done.stderr[-2000:]}"
@@ -149,6 +154,32 @@ def test_thumbnails_and_crops_come_from_one_sprite_each_per_block_of_prompts(rep
         expected.save(alone, "JPEG", quality=90)  # the same thumbnail as a file of its own
         error = lambda a: np.abs(np.asarray(a).astype(int) - np.asarray(expected).astype(int)).mean()  # noqa: E731
         assert error(shown(sprite, box)) < error(Image.open(alone).convert("RGB")) + 0.5
+
+
+def test_the_browser_draws_each_thumbnail_and_crop_at_one_to_one_from_its_sprite(report):
+    out, _, _ = report
+    result, _ = run_page(out / "report.html")  # where the first thumbnail and crop are on the page
+    shot = out / "screenshot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=10000", *WINDOW,
+                    f"--screenshot={shot}", (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    for (sprite, box), at, exact in ((page_imgs(out, "crop")[0], result["first_crop"], True),
+                                     (page_imgs(out, "thumb")[0], result["first_thumb"], False)):
+        left, top = round(at[0]), round(at[1])
+        drawn = pixels[top:top + box[3], left:left + box[2]].astype(int)
+        expected = shown(sprite, box).astype(int)
+        if exact:  # the crop: a lossless PNG, drawn pixel for pixel
+            assert np.array_equal(drawn, expected)
+        else:  # the thumbnail: chromium's JPEG decoder against Pillow's
+            assert np.abs(drawn - expected).mean() < 1
+
+
+def test_sprite_cells_start_on_jpeg_blocks_whatever_the_thumbnail_size(report, tmp_path):
+    _, folders, _ = report
+    compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(tmp_path), "--bootstrap", "10",
+                                     "--workers", "1", "--thumb_size", "100"]))
+    for sprite, (x, y, w, h) in page_imgs(tmp_path, "thumb"):
+        assert x % 16 == 0 and y % 16 == 0 and max(w, h) == 100  # no 16² JPEG block holds two thumbnails
 
 
 def test_crops_are_the_same_region_of_every_folder_at_one_to_one(report):
