@@ -12,6 +12,7 @@ and the page of 2,000 prompts × 3 folders opens from 200 sprites where it did n
 import html
 import multiprocessing
 import os
+import shutil
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -86,8 +87,9 @@ def block_files(job, out, thumb_size, crop_size):
     """Thumbnails and crops of a block of prompts, as two sprite files: a JPEG of the thumbnails (a row per prompt, a
     cell per folder) and a lossless PNG of the crops (a row per prompt, two cells per folder: highest, lowest GLCM).
 
-    One file per block instead of one per image: a browser pays about 2 MB per distinct image file it loads
-    (BENCHMARKS.md), so 18,000 files for 2,000 prompts × 3 folders do not open where 200 sprites do.
+    One file per block instead of one per image: chromium's memory rose by about 1.6 MB per distinct image file the
+    page loads (7.2 GB for 4,500 files, BENCHMARKS.md), so 18,000 files for 2,000 prompts × 3 folders do not open
+    where 200 sprites do.
     job: (block index, [[path per folder] per prompt]). Returns, per prompt, per folder: {"thumb": (x, y, w, h),
     "crops": [(x, y, w, h), (x, y, w, h)], "size": (width, height)} and the two sprites' relative paths.
     """
@@ -190,6 +192,7 @@ def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_s
     """Write out/report.html with its sprites of thumbnails and crops (made by `workers` processes); returns the
     page's path."""
     out = Path(out)
+    shutil.rmtree(out / "sprites", ignore_errors=True)  # a previous report's sprites, which this page would not use
     task = partial(block_files, out=out, thumb_size=thumb_size, crop_size=crop_size)
     prompts = [[run["images"][name] for run in runs] for name in paired]
     jobs = [(i // prompts_per_sprite, prompts[i:i + prompts_per_sprite])

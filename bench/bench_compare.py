@@ -20,9 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 import numpy as np
+import psutil
 import scipy.linalg
 from PIL import Image
 from skimage import data

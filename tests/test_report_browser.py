@@ -182,6 +182,16 @@ def test_sprite_cells_start_on_jpeg_blocks_whatever_the_thumbnail_size(report, t
         assert x % 16 == 0 and y % 16 == 0 and max(w, h) == 100  # no 16² JPEG block holds two thumbnails
 
 
+def test_a_new_report_removes_the_sprites_of_an_earlier_one(report, tmp_path):
+    _, folders, _ = report
+    stale = tmp_path / "sprites" / "thumbs_00007.jpg"  # as a 160-prompt report would have left it
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    compare.main(compare.parse_args(["--folders", *map(str, folders[:2]), "--out", str(tmp_path), "--bootstrap", "10",
+                                     "--workers", "1"]))
+    assert sorted(p.name for p in stale.parent.iterdir()) == ["crops_00000.png", "thumbs_00000.jpg"]
+
+
 def test_crops_are_the_same_region_of_every_folder_at_one_to_one(report):
     out, folders, _ = report
     crops = page_imgs(out, "crop")
