@@ -22,7 +22,7 @@ import outputs
 import report
 from bootstrap import (add_bootstrap_flags, fid_ci, fid_difference, json_interval, mean_ci, paired_difference,
                        ratio_ci)
-from errors import UsageError, exit_on_usage_error
+from errors import HelpFormatter, UsageError, exit_on_usage_error
 from patch_fid import FEATURES_FILE, load_features
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -236,7 +236,7 @@ def run(args, labels):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--folders", nargs="+", required=True, help="two or more folders of images, same file names")
     parser.add_argument("--labels", nargs="+", default=None, help="a name per folder (default: the folder names)")
     parser.add_argument("--out", required=True, help="output folder: comparison.json/.csv, report.html and its files")

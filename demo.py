@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from errors import UsageError, exit_on_usage_error
+from errors import HelpFormatter, UsageError, exit_on_usage_error
 
 ROOT = Path(__file__).resolve().parent
 # The fine-tuning runs (name: trainer flags), all from the same seed; the first one's samples are "after fine-tuning".
@@ -346,7 +346,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--resolution", type=int, default=128, help="photo and training size (the paper: 4096)")
     parser.add_argument("--vae_steps", type=int, default=570, help="miniature VAE pretraining steps")

@@ -1,4 +1,7 @@
-"""The one error type for a user's mistake, and the one way every script reports it and exits."""
+"""The one command-line shape every script shares: the error type for a user's mistake, the one way to report it
+and exit, and the help formatter that shows each flag's default."""
+import argparse
+import copy
 import sys
 
 
@@ -20,3 +23,21 @@ def check_at_least(minimum, **flags):
     for name, value in flags.items():
         if value is not None and value < minimum:
             raise UsageError(f"--{name} must be at least {minimum}, got {value}.")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every script's --help: the description as written, and after each flag its default ("(default: X)"), also
+    for a flag without help text; a required flag has none, and a help text that states its default keeps its own."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if action.required or "default" in help_text.lower():
+            return help_text
+        return super()._get_help_string(action)
+
+    def _format_action(self, action):
+        if (not action.help and action.option_strings and not action.required
+                and action.default is not argparse.SUPPRESS):
+            action = copy.copy(action)  # argparse prints no help line for a flag without help text: give it one
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)

@@ -9,7 +9,7 @@ import torch
 from bootstrap import add_bootstrap_flags, add_intervals
 from detail_metrics import GLCM_PROPS, evaluate_folder, write_outputs
 import outputs
-from errors import UsageError, check_at_least, exit_on_usage_error
+from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 
 
 def print_table(summary, rows, max_rows=20):
@@ -66,7 +66,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--img_root", type=str, required=True, help="Folder of images to measure.")
     parser.add_argument("--prop", type=str, default="entropy", choices=GLCM_PROPS,
                         help="Patch score: shannon_entropy of the GLCM (the paper) or a graycoprops feature.")

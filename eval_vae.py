@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import outputs
 from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
-from errors import UsageError, check_at_least, exit_on_usage_error
+from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
 from patch_fid import load_features, recorded_features, save_features
@@ -274,7 +274,7 @@ def check_metrics(text):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--vae", required=True, help="a diffusers VAE folder, or a pipeline folder with vae/")
     parser.add_argument("--data_dir", required=True, help="imagefolder (metadata.jsonl) or a folder of images")
     parser.add_argument("--size", type=int, default=4096)  # paper Table 2: Aesthetic-4K train at 4096^2

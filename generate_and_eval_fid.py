@@ -24,7 +24,7 @@ from tqdm import tqdm
 import lora
 import outputs
 from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
-from errors import UsageError, check_at_least, exit_on_usage_error
+from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, load_fid, read_eval_set
 from generation import (add_generation_flags, check_checkpoint, check_generation_flags, generate, load_pipeline,
                         save_image, vae_settings)
@@ -248,7 +248,7 @@ def run(args, state):
 
 def parse_args(argv=None):
     """The flags; the defaults are the paper's evaluation settings, or the authors' (PROTOCOL.md §6)."""
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--protocol", choices=("paper", "authors"), default="paper",
                         help="paper: its text (SD3 28 steps), every metric on lossless PNGs; authors: their script "
                              "(50 steps for both models), FID/CLIPScore/Aesthetics on the PNGs, GLCM and the on-disk "

@@ -28,7 +28,7 @@ import lora
 import low_memory
 import outputs
 from checkpoints import TRAINER_STATE
-from errors import UsageError, check_at_least
+from errors import HelpFormatter, UsageError, check_at_least
 from low_memory import LowMemory
 from models import MODELS, Sampling, max_image_side, model_of
 from partitioned_vae import GENERATION_MODES, VAE_MODES, check_size, load_vae, use_f16_vae
@@ -482,7 +482,8 @@ def build_parser(model):
     """Argument parser of test_sd3.py / test_flux.py; the defaults are the paper's settings for `model`."""
     spec = MODELS[model]
     parser = argparse.ArgumentParser(prog=spec.script, description=f"Generate 4K images with {spec.title} and the "
-                                                                    f"F=16 partitioned VAE (Diffusion-4K).")
+                                                                    f"F=16 partitioned VAE (Diffusion-4K).",
+                                     formatter_class=HelpFormatter)
     parser.set_defaults(model=model)
     parser.add_argument("--checkpoint_path", default=spec.checkpoint_path,
                         help=f"local diffusers folder of {spec.hub_repo} (or a fine-tuned copy)")
@@ -490,7 +491,7 @@ def build_parser(model):
     prompt.add_argument("--prompt", default=None, help="text prompt (default: built-in showcase prompts)")
     prompt.add_argument("--prompt_file", default=None, help="text file, one prompt per line")
     if spec.negative_prompt:
-        parser.add_argument("--negative_prompt", default="")  # the paper: an empty negative prompt
+        parser.add_argument("--negative_prompt", default="", help="the paper's: empty (default: '')")
     parser.add_argument("--height", type=int, default=4096)
     parser.add_argument("--width", type=int, default=3072)  # the authors recommend 4096x3072 / 3072x4096
     add_generation_flags(parser, spec.inference)

@@ -28,7 +28,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from PIL import Image
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 from partitioned_vae import make_f16_vae
 from tiny_models import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
@@ -393,7 +393,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output_dir", required=True, help="the pipeline folder to write (kept if already built)")
     parser.add_argument("--model", choices=["sd3", "flux"], default="sd3")
     parser.add_argument("--vae_from", default=None,

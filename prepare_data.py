@@ -28,7 +28,7 @@ from tqdm import tqdm
 import detail_metrics as dm
 import outputs
 import parquet_shards as ps
-from errors import UsageError, exit_on_usage_error
+from errors import HelpFormatter, UsageError, exit_on_usage_error
 from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, json_lines
 
 CHUNK = 16  # images of an imagefolder per unit of work (a Parquet chunk is one row group)
@@ -434,7 +434,7 @@ def parse_shard(value):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("data_dir", help="imagefolder (metadata.jsonl + images) or folder of Parquet shards")
@@ -444,15 +444,15 @@ def parse_args(argv=None):
     common.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: this machine's share (0-based)")
     common.add_argument("--flat_std", type=float, default=2.0,
                         help="a 64x64 patch is flat when its 8-bit luma standard deviation is below this")
-    verify = commands.add_parser("verify", parents=[common], help="decode every image, check captions, duplicates")
+    verify = commands.add_parser("verify", parents=[common], formatter_class=HelpFormatter, help="decode every image, check captions, duplicates")
     verify.add_argument("--out_json", default=None, help="default: DATA_DIR_verify.json")
-    filt = commands.add_parser("filter", parents=[common], help="score every image; metadata.jsonl of those passing")
+    filt = commands.add_parser("filter", parents=[common], formatter_class=HelpFormatter, help="score every image; metadata.jsonl of those passing")
     filt.add_argument("--out", required=True, help="folder for scores.csv, metadata.jsonl, filter_report.json")
     filt.add_argument("--min_glcm", type=float, default=None)
     filt.add_argument("--min_compression_ratio", type=float, default=None)
     filt.add_argument("--max_flat_share", type=float, default=None)
     filt.add_argument("--min_short_side", type=int, default=None)
-    evalset = commands.add_parser("make_eval_set", parents=[common], help="Aesthetic-Eval@size: short side > size")
+    evalset = commands.add_parser("make_eval_set", parents=[common], formatter_class=HelpFormatter, help="Aesthetic-Eval@size: short side > size")
     evalset.add_argument("--size", type=int, choices=[2048, 4096], required=True)
     evalset.add_argument("--out", required=True, help="folder for images/, metadata.jsonl, eval_set_report.json")
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
                           T5EncoderModel, T5TokenizerFast)
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 # Latent normalisation of the real checkpoints (PROTOCOL.md §2): kept so the tiny pipelines exercise the same code.
 VAE_FACTORS = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}
@@ -271,7 +271,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="folder that receives tiny-sd3/ and tiny-flux/")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--metrics", action="store_true",

@@ -32,7 +32,7 @@ import outputs
 from accelerated import DataProblems, add_run_flags, end_run, make_accelerator, step_generator
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
-from errors import UsageError, check_at_least, exit_on_usage_error
+from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 from imagefolder import (IMAGE_ERRORS, IMAGE_SUFFIXES, KeyedImages, StreamSampler, collate, crop_pixels, find_images,
                          is_upscaled, list_images, load_image)
 from partitioned_vae import DECODE_MODES, load_vae, make_f16_vae
@@ -405,7 +405,7 @@ class swapped_in:
 
 def parse_args(argv=None):
     """Flags named as in diffusers' example trainers; defaults from the authors' SC-VAE launch script."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="pipeline folder with vae/, or a VAE folder")
     p.add_argument("--train_data_dir", required=True, help="imagefolder (metadata.jsonl, text may be empty) or images")
     p.add_argument("--output_dir", default="outputs/sc-vae", help="checkpoints, logs, at the end OUTPUT_DIR/vae")

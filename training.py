@@ -36,7 +36,7 @@ from accelerated import (DataProblems, add_run_flags, end_run, gather_union, mak
                          warn_problems)
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
-from errors import UsageError, check_at_least
+from errors import HelpFormatter, UsageError, check_at_least
 from imagefolder import (IMAGE_ERRORS, BucketSampler, KeyedImages, StreamSampler, bucket_sizes, collate, crop_pixels,
                          image_size, is_upscaled, load_record_image, nearest_bucket, read_metadata)
 from models import MODELS, max_image_side
@@ -806,7 +806,7 @@ def save_final(accelerator, transformer, lora_config, merge_lora, spec, model_di
 
 def build_parser(description, spec):
     """The trainers' flags: diffusers' names, the paper's defaults (PROTOCOL.md §4), per model from `spec`."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", required=True, help="local diffusers pipeline folder")
     p.add_argument("--instance_data_dir", required=True,
                    help="imagefolder with metadata.jsonl (file_name, text), or a folder of Parquet shards (the Hub's)")

@@ -28,7 +28,7 @@ from skimage import data
 
 import bootstrap
 import compare
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
 
@@ -154,7 +154,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=int, default=60, help="images per folder actually measured")
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--distinct", type=int, default=None,

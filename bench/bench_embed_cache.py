@@ -14,7 +14,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 # Real per-caption embedding sizes in bf16 at the trainers' default T5 length, 77 for both models (models.py,
@@ -113,7 +113,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--counts", type=int, nargs="+", default=[100, 300, 1000], help="numbers of captions")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)

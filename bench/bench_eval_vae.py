@@ -22,7 +22,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from skimage import data
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 MODES = ("f8", "partitioned", "subpixel", "f8_half")
 PHOTOS = ("astronaut", "coffee", "chelsea")
@@ -104,7 +104,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--images", type=int, default=1, help="photos per mode (1 to 3)")
     parser.add_argument("--modes", default=",".join(MODES))

@@ -21,7 +21,7 @@ from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from bench.flops import flux_transformer_flops, image_tokens, peak_flops, sd3_transformer_flops
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 from generation import generate, load_pipeline
 from models import MODELS
 from partitioned_vae import MODES, use_f16_vae
@@ -284,7 +284,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny checkpoints on the CPU (no GPU needed)")
     parser.add_argument("--models", nargs="+", choices=("sd3", "flux"), default=["sd3", "flux"])
     parser.add_argument("--sizes", nargs="+", default=None, help="HxW, e.g. 4096x4096 4096x3072")

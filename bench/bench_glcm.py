@@ -20,7 +20,7 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import shannon_entropy
 
 import detail_metrics as dm
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 IMAGES = []  # filled before the worker processes fork, so that they receive indices, not 50 MB arrays
@@ -129,7 +129,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--images", type=int, default=2, help="Photos per size (at most 4).")
     parser.add_argument("--workers", type=int, default=os.cpu_count())

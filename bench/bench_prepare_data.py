@@ -16,7 +16,7 @@ import numpy as np
 import detail_metrics as dm
 import prepare_data
 from bench.bench_glcm import PHOTOS, reference_patch_scores, upscaled
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 
 def emit(**fields):
@@ -63,7 +63,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--size", type=int, default=4096)
     return parser.parse_args(argv)

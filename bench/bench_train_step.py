@@ -19,7 +19,7 @@ import accelerated
 import training
 from bench.bench_generation import SD3_MEDIUM, full_size_vae
 from bench.flops import image_tokens, peak_flops, sd3_transformer_flops
-from errors import UsageError, exit_on_usage_error
+from errors import HelpFormatter, UsageError, exit_on_usage_error
 from models import MODELS
 from partitioned_vae import make_f16_vae
 from tiny_models import build_tiny_sd3_pipeline
@@ -123,7 +123,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny SD3 on the CPU (no GPU needed)")
     parser.add_argument("--resolution", type=int, default=None, help="default 4096 (GPU) / 256 (--smoke)")
     parser.add_argument("--batch", type=int, default=1)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from diffusers import AutoencoderKL
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 from partitioned_vae import MODES, PartitionedConv, make_f16_vae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--grid", type=int, default=2, help="partitions per side (the paper: 2)")
     parser.add_argument("--cpu_last_layer_size", type=int, default=2048, help="output side, fp32 last-layer runs")
     parser.add_argument("--cpu_bf16_size", type=int, default=4096, help="output side, bf16 last-layer runs")

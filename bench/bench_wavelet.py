@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 from wavelet import WaveletLoss, haar_dwt2d
 
 
@@ -105,7 +105,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--shape", default="4,16,256,256", help="latent B,C,H,W (SD3 at 4096^2 with the F=16 VAE)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--repeats", type=int, default=41)

@@ -36,7 +36,7 @@ import training
 from bench.bench_generation import (PAPER_A100, PROMPT, building_on, full_size_pipeline, full_size_vae,
                                     parameter_counts, ratio, sig, step_flops)
 from bench.flops import peak_flops
-from errors import UsageError, exit_on_usage_error
+from errors import HelpFormatter, UsageError, exit_on_usage_error
 from generation import generate, load_pipeline
 from models import MODELS
 from partitioned_vae import make_f16_vae
@@ -483,7 +483,8 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_sweep", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the code path only")
     parser.add_argument("--out", default="gpu_sweep", help="folder for gpu_sweep.json and gpu_sweep.md")
     parser.add_argument("--budget_s", type=float, default=280, help="stop starting cases after this many seconds")

@@ -1,8 +1,14 @@
 """Every command-line script in one shape (parse_args(argv=None) -> args, main(args), exit_on_usage_error under
 __main__); each script's --vae_mode accepts exactly its part of partitioned_vae.VAE_MODES; each trainer sets every
 flag default the shared declarations leave to it."""
+import argparse
 import ast
+import contextlib
+import importlib
+import io
+import re
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -94,3 +100,79 @@ def test_each_trainer_sets_the_defaults_the_shared_flags_leave_to_it(trainer, ar
     expected = TRAINER_DEFAULTS[trainer.__name__]
     assert {flag: args[flag] for flag in expected} == expected
     assert set(expected) == set(accelerated.TRAINER_DEFAULTS) | {"checkpointing_steps"}
+
+
+#################################################################################
+#                      --help: every flag says its default                      #
+#################################################################################
+
+HELP_SCRIPTS = sorted(path for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]
+                      if "\ndef parse_args(argv=None):" in path.read_text())
+
+
+def help_pages(parse_args, prefix=()):
+    """{command words: (parser, help text)} of a script's parse_args, sub-commands included: each page as `--help`
+    prints it, with the parser that printed it (caught in argparse's help action)."""
+    shown = []
+    original = argparse._HelpAction.__call__
+
+    def record(self, parser, namespace, values, option_string=None):
+        shown.append(parser)
+        original(self, parser, namespace, values, option_string)
+
+    output = io.StringIO()
+    with mock.patch.object(argparse._HelpAction, "__call__", record), contextlib.redirect_stdout(output):
+        with pytest.raises(SystemExit) as stop:
+            parse_args([*prefix, "--help"])
+    assert stop.value.code == 0 and len(shown) == 1
+    [parser] = shown
+    pages = {prefix: (parser, output.getvalue())}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices:
+                pages.update(help_pages(parse_args, (*prefix, command)))
+    return pages
+
+
+def flag_entries(text):
+    """{option string: its entry} of a --help page: an entry starts on a line indented by two spaces and a dash and
+    runs to the next such line or section."""
+    entries, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line
+            for option in re.findall(r"(?:^|, )(--?[\w-]+)", line.strip()):
+                entries[option] = current
+        elif line.startswith("    ") and current is not None:
+            for option, entry in list(entries.items()):
+                if entry is current:
+                    entries[option] = entry + "\n" + line
+            current = entries[option]
+        else:
+            current = None
+    return entries
+
+
+def test_the_help_pages_are_found():
+    names = {path.name for path in HELP_SCRIPTS}
+    assert {"train_sd3.py", "test_sd3.py", "prepare_data.py", "demo.py", "compare.py", "bench_glcm.py",
+            "gpu_sweep.py"} <= names and len(names) >= 20
+
+
+@pytest.mark.parametrize("path", HELP_SCRIPTS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_every_flag_of_every_script_shows_its_default_in_help(path):
+    module = importlib.import_module(path.stem if path.parent == ROOT else f"bench.{path.stem}")
+    for command, (parser, text) in help_pages(module.parse_args).items():
+        entries = flag_entries(text)
+        for action in parser._actions:
+            if (not action.option_strings or isinstance(action, argparse._HelpAction)
+                    or action.help == argparse.SUPPRESS):  # a hidden flag a script passes to its own workers
+                continue
+            entry = entries.get(action.option_strings[-1])
+            assert entry is not None, (command, action.option_strings, text)
+            if action.required:
+                continue
+            shown = "default" in entry.lower()
+            assert shown, f"{path.name} {' '.join(command)} {action.option_strings[-1]}: no default in\n{entry}"
+            if action.help is None or "default" not in action.help.lower():  # shown by the formatter: the value
+                assert "".join(f"(default: {action.default})".split()) in "".join(entry.split()), entry  # wrapped anywhere
