@@ -5,8 +5,10 @@ input, works in chunks over --workers processes (and --shard I/N over machines),
 
     python prepare_data.py verify DATA_DIR [--out_json DATA_DIR_verify.json]
     python prepare_data.py filter DATA_DIR --out DIR [--min_glcm G] [--min_compression_ratio C] [--max_flat_share F]
-                                                     [--min_short_side S]
-    python prepare_data.py make_eval_set DATA_DIR --size {2048,4096} --out DIR
+                                                     [--min_short_side S] [--keep_duplicates]
+    python prepare_data.py make_eval_set DATA_DIR --size {2048,4096} --out DIR [--max_flat_share F] [--keep_duplicates]
+
+What ordinary photos, flat images and noise score: BENCHMARKS.md, "Detail measures of known pictures".
 """
 import argparse
 import csv
@@ -35,6 +37,7 @@ CHUNK = 16  # images of an imagefolder per unit of work (a Parquet chunk is one 
 SCORE_FIELDS = ("file", "width", "height", "short_side", "glcm", "compression_ratio", "laplacian_var", "flat_share",
                 "passed", "failed")
 SHORT_SIDE_BINS = (1024, 2048, 4096)
+FLAT_IMAGE = 0.9  # make_eval_set's --max_flat_share: a flat image scores 1, ordinary 4K photos at most 0.6 (BENCHMARKS)
 FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif", "GIF": ".gif"}
 
 
@@ -129,6 +132,11 @@ def flat_share(y, flat_std, patch_size=64):
     return float((patches.std(axis=(1, 3)) < flat_std).mean())
 
 
+def is_flat(row, max_flat_share):
+    """Whether an image fails --max_flat_share: more of its 64x64 patches flat than allowed, or none to judge."""
+    return not row["flat_share"] <= max_flat_share
+
+
 def score_image(rgb, flat_std):
     """The detail measures of one image: GLCM Score, Compression Ratio (q95 JPEG), Laplacian variance, flat share."""
     y = luma(rgb)
@@ -142,11 +150,11 @@ def measure(command, encoded, flat_std):
         image.load()  # a truncated file fails here
         fmt = image.format
         rgb = dm.to_rgb8(image)
-    row = {"width": rgb.shape[1], "height": rgb.shape[0], "format": fmt}
-    if command == "verify":
-        row["sha256"] = hashlib.sha256(encoded).hexdigest()
-    elif command == "filter":
+    row = {"width": rgb.shape[1], "height": rgb.shape[0], "format": fmt, "sha256": hashlib.sha256(encoded).hexdigest()}
+    if command == "filter":
         row.update(score_image(rgb, flat_std))
+    elif command == "make_eval_set":
+        row["flat_share"] = flat_share(luma(rgb), flat_std)
     return row
 
 
@@ -267,17 +275,31 @@ def short_side_distribution(sides):
     return {"min": min(sides), "median": statistics.median(sides), "max": max(sides), "bins": bins}
 
 
+def duplicate_groups(rows):
+    """Names of the rows with the same encoded bytes (sha256), in input order: one list per group of two or more."""
+    by_hash = {}
+    for row in rows:
+        if "sha256" in row:
+            by_hash.setdefault(row["sha256"], []).append(row["name"])
+    return [group for group in by_hash.values() if len(group) > 1]
+
+
+def duplicates_to_drop(results, keep_duplicates):
+    """{name: the first name with its bytes} of every measured image but the first of each duplicate group (none
+    with --keep_duplicates)."""
+    if keep_duplicates:
+        return {}
+    return {name: group[0] for group in duplicate_groups(results.values()) for name in group[1:]}
+
+
 def verify_report(data_dir, layout, items, orphans, problems, results):
     """The verify JSON: counts, the lists of bad files, duplicate groups and the short-side distribution."""
     readable = [r for r in results.values() if "error" not in r]
-    by_hash = {}
-    for row in readable:
-        by_hash.setdefault(row["sha256"], []).append(row["name"])
     corrupt = [f"{r['name']}: {r['error']}" for r in results.values() if "error" in r]
     missing = [f"{it['name']}: {it['caption_problem']}" for it in items if it["text"] is None]
     return {"data_dir": str(data_dir), "layout": layout, "n_images": len(items), "n_readable": len(readable),
             "corrupt": corrupt, "missing_caption": missing, "orphan_captions": orphans,
-            "duplicates": [group for group in by_hash.values() if len(group) > 1],
+            "duplicates": duplicate_groups(readable),
             "short_side": short_side_distribution([min(r["width"], r["height"]) for r in readable]),
             "problems": problems + corrupt + missing + [f"{name}: caption whose file is missing" for name in orphans]}
 
@@ -291,7 +313,7 @@ def thresholds_failed(row, args):
         failed.append("min_glcm")
     if args.min_compression_ratio is not None and row["compression_ratio"] < args.min_compression_ratio:
         failed.append("min_compression_ratio")
-    if args.max_flat_share is not None and not row["flat_share"] <= args.max_flat_share:
+    if args.max_flat_share is not None and is_flat(row, args.max_flat_share):
         failed.append("max_flat_share")
     return failed
 
@@ -305,14 +327,20 @@ def pointer(item, out, image_column):
 
 
 def write_filter_outputs(out, items, problems, results, args):
-    """DIR/scores.csv (every scored image), DIR/metadata.jsonl (those that pass), DIR/filter_report.json."""
+    """DIR/scores.csv (every scored image), DIR/metadata.jsonl (those that pass), DIR/filter_report.json. An exact
+    duplicate of an earlier image fails as "duplicate" unless --keep_duplicates."""
     rows, lines, report = [], [], {"n_images": len(items), "n_scored": 0, "n_passed": 0, "failed": {}}
+    duplicates = duplicates_to_drop(results, args.keep_duplicates)
     for item in items:
         result = results[item["name"]]
         if "error" in result or "skipped" in result:
             problems.append(f"{item['name']}: {result.get('error') or result['skipped']}")
             continue
         failed = thresholds_failed(result, args)
+        if item["name"] in duplicates:
+            failed.append("duplicate")
+            problems.append(f"{item['name']}: the same bytes as {duplicates[item['name']]}, dropped "
+                            f"(--keep_duplicates keeps it)")
         if math.isnan(result["glcm"]):
             problems.append(f"{item['name']}: {result['width']}x{result['height']} is too small for a 64x64 patch "
                             f"(GLCM Score and flat share undefined)")
@@ -331,9 +359,9 @@ def write_filter_outputs(out, items, problems, results, args):
     writer.writerows(rows)
     outputs.write_text(out / "scores.csv", buffer.getvalue())
     outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
-    report.update(n_scored=len(rows), n_passed=len(lines), problems=problems,
+    report.update(n_scored=len(rows), n_passed=len(lines), n_duplicates=len(duplicates), problems=problems,
                   thresholds={k: getattr(args, k) for k in ("min_glcm", "min_compression_ratio", "max_flat_share",
-                                                            "min_short_side")})
+                                                            "min_short_side", "keep_duplicates")})
     outputs.write_text(out / "filter_report.json", json.dumps(report, indent=2))
     return report
 
@@ -351,9 +379,12 @@ def copy_eval_image(item, result, image_column, target):
 
 
 def write_eval_set(out, items, problems, results, args):
-    """DIR/images/NNNNN.ext (the originals' bytes), DIR/metadata.jsonl, DIR/eval_set_report.json."""
+    """DIR/images/NNNNN.ext (the originals' bytes), DIR/metadata.jsonl, DIR/eval_set_report.json. Flat images
+    (filter's --max_flat_share rule) and exact duplicates of an earlier image are left out unless the flags say not
+    to."""
     (out / "images").mkdir(exist_ok=True)
-    lines, too_small = [], 0
+    lines, too_small, flat, duplicate = [], 0, 0, 0
+    duplicates = duplicates_to_drop(results, args.keep_duplicates)
     for item in items:
         result = results[item["name"]]
         if "error" in result or "skipped" in result:
@@ -363,12 +394,23 @@ def write_eval_set(out, items, problems, results, args):
             too_small += 1
             problems.append(f"{item['name']}: {result['width']}x{result['height']}, short side not above {args.size}")
             continue
+        if item["name"] in duplicates:
+            duplicate += 1
+            problems.append(f"{item['name']}: the same bytes as {duplicates[item['name']]}, left out "
+                            f"(--keep_duplicates keeps it)")
+            continue
+        if is_flat(result, args.max_flat_share):
+            flat += 1
+            problems.append(f"{item['name']}: flat share {result['flat_share']:.2f} above --max_flat_share "
+                            f"{args.max_flat_share}, left out (--max_flat_share 1 keeps it)")
+            continue
         target = out / "images" / f"{len(lines):05d}{FORMAT_SUFFIX.get(result['format'], '.img')}"
         copy_eval_image(item, result, args.image_column, target)
         lines.append(json.dumps({"file_name": target.relative_to(out).as_posix(), "text": item["text"],
                                  "source": item["name"]}, ensure_ascii=False))
     outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
     report = {"size": args.size, "n_images": len(items), "n_selected": len(lines), "n_too_small": too_small,
+              "n_duplicates": duplicate, "n_flat": flat, "max_flat_share": args.max_flat_share, "keep_duplicates": args.keep_duplicates,
               "problems": problems}
     outputs.write_text(out / "eval_set_report.json", json.dumps(report, indent=2))
     return report
@@ -414,11 +456,12 @@ def run(args, data_dir, dataset, work, out):
               f"{len(report['duplicates'])} duplicate groups: {out}")
     elif args.command == "filter":
         report = write_filter_outputs(out, items, problems, results, args)
-        print(f"{report['n_passed']} of {report['n_scored']} scored images pass ({len(report['problems'])} problems): "
-              f"{out / 'metadata.jsonl'}")
+        print(f"{report['n_passed']} of {report['n_scored']} scored images pass ({report['n_duplicates']} duplicates "
+              f"dropped, {len(report['problems'])} problems): {out / 'metadata.jsonl'}")
     else:
         report = write_eval_set(out, items, problems, results, args)
-        print(f"{report['n_selected']} images with a short side above {args.size}: {out / 'metadata.jsonl'}")
+        print(f"{report['n_selected']} images with a short side above {args.size} ({report['n_flat']} flat and "
+              f"{report['n_duplicates']} duplicates left out): {out / 'metadata.jsonl'}")
     return report
 
 
@@ -441,20 +484,33 @@ def parse_args(argv=None):
     common.add_argument("--image_column", default=ps.IMAGE_COLUMN, help="Parquet: the image column")
     common.add_argument("--caption_column", default=ps.CAPTION_COLUMN, help="Parquet: the caption column")
     common.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes")
-    common.add_argument("--shard", type=parse_shard, default=(0, 1), help="I/N: this machine's share (0-based)")
+    common.add_argument("--shard", type=parse_shard, default="0/1", help="I/N: this machine's share (0-based)")
     common.add_argument("--flat_std", type=float, default=2.0,
                         help="a 64x64 patch is flat when its 8-bit luma standard deviation is below this")
-    verify = commands.add_parser("verify", parents=[common], formatter_class=HelpFormatter, help="decode every image, check captions, duplicates")
+    verify = commands.add_parser("verify", parents=[common], formatter_class=HelpFormatter,
+                                 help="decode every image, check captions, duplicates")
     verify.add_argument("--out_json", default=None, help="default: DATA_DIR_verify.json")
-    filt = commands.add_parser("filter", parents=[common], formatter_class=HelpFormatter, help="score every image; metadata.jsonl of those passing")
+    filt = commands.add_parser("filter", parents=[common], formatter_class=HelpFormatter,
+                               help="score every image; metadata.jsonl of those passing")
     filt.add_argument("--out", required=True, help="folder for scores.csv, metadata.jsonl, filter_report.json")
-    filt.add_argument("--min_glcm", type=float, default=None)
-    filt.add_argument("--min_compression_ratio", type=float, default=None)
-    filt.add_argument("--max_flat_share", type=float, default=None)
-    filt.add_argument("--min_short_side", type=int, default=None)
-    evalset = commands.add_parser("make_eval_set", parents=[common], formatter_class=HelpFormatter, help="Aesthetic-Eval@size: short side > size")
+    filt.add_argument("--min_glcm", type=float, default=None,
+                      help="the least GLCM Score kept (ordinary photos upscaled to 4K: 0.06-0.52, flat images under "
+                           "0.03: BENCHMARKS.md); default: not applied")
+    filt.add_argument("--min_compression_ratio", type=float, default=None, help="default: not applied")
+    filt.add_argument("--max_flat_share", type=float, default=None,
+                      help="the largest share of flat 64x64 patches kept (a flat image: 1); default: not applied")
+    filt.add_argument("--min_short_side", type=int, default=None, help="default: not applied")
+    filt.add_argument("--keep_duplicates", action="store_true",
+                      help="keep every copy of an image (off: exact duplicates after the first are dropped)")
+    evalset = commands.add_parser("make_eval_set", parents=[common], formatter_class=HelpFormatter,
+                                  help="Aesthetic-Eval@size: short side > size, flat images and duplicates left out")
     evalset.add_argument("--size", type=int, choices=[2048, 4096], required=True)
     evalset.add_argument("--out", required=True, help="folder for images/, metadata.jsonl, eval_set_report.json")
+    evalset.add_argument("--max_flat_share", type=float, default=FLAT_IMAGE,
+                         help="leave out images with a larger share of flat 64x64 patches (filter's rule); 1 keeps "
+                              "every image")
+    evalset.add_argument("--keep_duplicates", action="store_true",
+                         help="keep every copy of an image (off: exact duplicates after the first are left out)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")

@@ -210,12 +210,28 @@ def test_filter_thresholds_each_apply_only_when_given(imagefolder, tmp_path):
         run(["filter", str(imagefolder), "--out", str(out), "--workers", "1", *flags])
         records, _ = read_metadata(out)
         passed[" ".join(flags)] = sorted(r["image"].name for r in records)
-    everything = ["copy_of_noise.png", "flat.png", "noise.png", "ramp.png", "rotated.jpg", "tiny.png"]
+    everything = ["flat.png", "noise.png", "ramp.png", "rotated.jpg", "tiny.png"]  # copy_of_noise.png: a duplicate
     assert passed[""] == everything
-    assert passed["--min_glcm 3"] == ["copy_of_noise.png", "noise.png", "rotated.jpg"]  # NaN fails too
-    assert passed["--max_flat_share 0.5"] == ["copy_of_noise.png", "noise.png", "ramp.png", "rotated.jpg"]
-    assert passed["--min_short_side 129"] == ["copy_of_noise.png", "noise.png", "ramp.png"]
+    assert passed["--min_glcm 3"] == ["noise.png", "rotated.jpg"]  # NaN fails too
+    assert passed["--max_flat_share 0.5"] == ["noise.png", "ramp.png", "rotated.jpg"]
+    assert passed["--min_short_side 129"] == ["noise.png", "ramp.png"]
     assert passed["--min_compression_ratio 10"] == ["flat.png", "ramp.png"]
+
+
+def test_filter_drops_exact_duplicates_after_the_first_unless_told_to_keep_them(imagefolder, tmp_path):
+    assert (imagefolder / "copy_of_noise.png").read_bytes() == (imagefolder / "noise.png").read_bytes()
+    out = tmp_path / "out"
+    report = run(["filter", str(imagefolder), "--out", str(out), "--workers", "1"])
+    scores = read_scores(out)
+    assert scores["copy_of_noise.png"]["failed"] == "duplicate" and scores["copy_of_noise.png"]["passed"] == 0
+    assert scores["noise.png"]["passed"] == 1  # the first one, in metadata order, is kept
+    assert report["n_duplicates"] == 1 and report["failed"] == {"duplicate": 1}
+    assert "copy_of_noise.png: the same bytes as noise.png, dropped (--keep_duplicates keeps it)" in report["problems"]
+    with_flag = run(["filter", str(imagefolder), "--out", str(out), "--workers", "1", "--keep_duplicates",
+                     "--min_glcm", "3"])
+    records, _ = read_metadata(out)
+    assert sorted(r["image"].name for r in records) == ["copy_of_noise.png", "noise.png", "rotated.jpg"]
+    assert with_flag["n_duplicates"] == 0 and "duplicate" not in with_flag["failed"]
 
 
 def test_filter_metadata_points_at_the_originals(imagefolder, tmp_path):
@@ -224,7 +240,7 @@ def test_filter_metadata_points_at_the_originals(imagefolder, tmp_path):
     records, problems = read_metadata(out)
     assert not any(problems.values())
     assert {r["image"].resolve() for r in records} == {(imagefolder / n).resolve() for n in
-                                                       ("noise.png", "copy_of_noise.png", "rotated.jpg")}
+                                                       ("noise.png", "rotated.jpg")}
     assert not list(out.glob("*.png"))  # not a byte copied
 
 
@@ -282,7 +298,7 @@ def test_make_eval_set_keeps_short_sides_above_the_size(tmp_path, layout):
     root = tmp_path / "big"
     (root / "data").mkdir(parents=True)
     sizes = {"big.png": (2049, 2300), "equal.png": (2048, 3000), "small.png": (1000, 1000), "wide.png": (4100, 2050)}
-    rows = [(n, encode(np.zeros((h, w, 3), np.uint8)), f"caption of {n}") for n, (h, w) in sizes.items()]
+    rows = [(n, encode(detailed(h, w)), f"caption of {n}") for n, (h, w) in sizes.items()]
     if layout == "parquet":
         write_shard(root / "data" / "train.parquet", rows)
     else:
@@ -301,6 +317,33 @@ def test_make_eval_set_keeps_short_sides_above_the_size(tmp_path, layout):
     assert [s["prompt"] for s in samples] == ["caption of big.png", "caption of wide.png"]
     assert run(["make_eval_set", str(root), "--size", "4096", "--out", str(tmp_path / "e4"),
                 "--workers", "1"])["n_selected"] == 0
+
+
+def detailed(h, w):
+    """An image with no flat 64x64 patch (luma standard deviation 5 in each) that PNG stores in a few kB."""
+    return np.broadcast_to((np.indices((h, w)).sum(axis=0) % 2 * 10).astype(np.uint8)[..., None], (h, w, 3)).copy()
+
+
+def test_make_eval_set_leaves_out_flat_images_and_duplicates_unless_told_not_to(tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    card = np.clip(128 + np.random.default_rng(0).normal(0, 1, (2100, 2200, 1)), 0, 255).astype(np.uint8)
+    files = {"photo.png": encode(detailed(2100, 2200)), "grey_card.png": encode(card.repeat(3, axis=2)),
+             "again.png": encode(detailed(2100, 2200)), "other.png": encode(detailed(2101, 2200))}
+    assert prepare_data.flat_share(prepare_data.luma(card.repeat(3, axis=2)), 2.0) == 1.0  # every patch flat
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": n, "text": n}) + "\n" for n in files))
+    report = run(["make_eval_set", str(root), "--size", "2048", "--out", str(tmp_path / "eval"), "--workers", "1"])
+    records, _ = read_metadata(tmp_path / "eval")
+    assert [r["text"] for r in records] == ["photo.png", "other.png"]
+    assert (report["n_flat"], report["n_duplicates"], report["max_flat_share"]) == (1, 1, prepare_data.FLAT_IMAGE)
+    assert any(p.startswith("grey_card.png: flat share 1.00 above --max_flat_share") for p in report["problems"])
+    assert "again.png: the same bytes as photo.png, left out (--keep_duplicates keeps it)" in report["problems"]
+    everything = run(["make_eval_set", str(root), "--size", "2048", "--out", str(tmp_path / "all"), "--workers", "1",
+                      "--max_flat_share", "1", "--keep_duplicates"])
+    records, _ = read_metadata(tmp_path / "all")
+    assert [r["text"] for r in records] == list(files) and everything["n_flat"] == everything["n_duplicates"] == 0
 
 
 def test_bad_flags_are_usage_errors(tmp_path):
