@@ -66,7 +66,7 @@ def per_image_metrics(folder, names, workers, cache_csv):
         table = read_csv(eval_csv)
     else:
         _, table = detail_metrics.evaluate_folder(str(folder), workers=workers)
-        detail_metrics.write_outputs({}, table, cache_csv, os.devnull)
+        outputs.write_csv(cache_csv, table, detail_metrics.CSV_FIELDS)  # its folder made now, when it has something
         source = f"measured here ({cache_csv})"
     rows = {os.path.basename(row["file"]): {"glcm_score": float(row["glcm"]), "raw_bytes": float(row["raw_bytes"]),
                                              "compressed_bytes": float(row["compressed_bytes"])} for row in table}
@@ -197,6 +197,8 @@ def print_table(rows, unpaired):
         mark = "" if r["kind"] == "folder" else ("*" if r["significant"] else "n.s.")
         print(f"{r['kind']:6s} {r['a'][:14]:14s} {r['b'][:14]:14s} {r['metric']:18s} {format_number(r['value']):>10s} "
               f"{interval:>22s} {format_number(r['n']):>6s} {mark}")
+    print("* : the 95 % interval excludes 0, a difference larger than the resampling noise of these images; whether it "
+          "is large enough to matter is another question (docs/comparing.md)")
     for label, names in unpaired.items():
         if names:
             print(f"{label}: {len(names)} image(s) without a match in every folder, left out of paired differences "
@@ -218,7 +220,6 @@ def main(args):
 def run(args, labels):
     """Measure each folder, compare every pair, write the table, the JSON, the CSV and the report."""
     out = Path(args.out)
-    (out / "measured").mkdir(parents=True, exist_ok=True)
     runs = [load_run(i, folder, label, out, args.workers)
             for i, (folder, label) in enumerate(zip(args.folders, labels))]
     comparison, paired, unpaired = compare(runs, args.bootstrap, args.bootstrap_seed)

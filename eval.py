@@ -12,6 +12,11 @@ import outputs
 from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 
 
+def interval(bounds):
+    """[low, high] to 4 significant digits ("undefined" when the JSON holds none)."""
+    return "undefined" if bounds is None or None in bounds else f"[{bounds[0]:.4g}, {bounds[1]:.4g}]"
+
+
 def print_table(summary, rows, max_rows=20):
     """The first images, then the two set-level figures."""
     print(f"{'file':40s} {'size':>11s} {'GLCM':>9s} {'CR':>7s}")
@@ -25,8 +30,8 @@ def print_table(summary, rows, max_rows=20):
     print(f"Compression Ratio ({summary['cr_mode']}, q{summary['jpeg_quality']}): {summary['compression_ratio']:.4f}  "
           f"({summary['n_images']} images, {summary['n_skipped']} skipped)")
     if summary.get("bootstrap"):
-        print(f"95% intervals ({summary['bootstrap']} resamples): GLCM {summary['glcm_score_ci95']}, "
-              f"CR {summary['compression_ratio_ci95']}")
+        print(f"95% intervals ({summary['bootstrap']} resamples): GLCM {interval(summary['glcm_score_ci95'])}, "
+              f"CR {interval(summary['compression_ratio_ci95'])}")
 
 
 def main(args):

@@ -25,6 +25,7 @@ from imagefolder import list_images, load_image
 from patch_fid import load_features, recorded_features, save_features
 from partitioned_vae import VAE_MODES, is_f16_vae, load_vae
 from reconstruction import add_lpips_flags, load_lpips, lpips_distance, pixel_metrics, reconstruct
+from tiny_models import is_stand_in
 
 EVAL_MODES = tuple(VAE_MODES)  # every mode reconstructs (f8_half only here)
 METRICS = ("nmse", "nrmse", "psnr", "ssim", "lpips", "rfid")
@@ -217,7 +218,9 @@ def run(args):
                 "data_dir": str(Path(args.data_dir).resolve()), "size": args.size, "metrics": list(metrics),
                 "lpips_net": args.lpips_net if "lpips" in metrics else None,
                 "fid_feature": args.fid_feature if "rfid" in metrics else None, "dtype": args.dtype,
-                "max_images": args.max_images}
+                "max_images": args.max_images,
+                "stand_in_metrics": any(is_stand_in(path) for path in (args.inception_weights, args.lpips_backbone,
+                                                                         args.lpips_heads))}
 
     # Resume from the CSV (FID: only the rows its saved sums cover):
     check_resume(output_json, settings, csv_path)
@@ -295,7 +298,8 @@ def parse_args(argv=None):
     parser.add_argument("--max_images", type=int, default=None, help="only the first N files")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="the VAE's dtype (metrics in fp32+)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--num_workers", type=int, default=2, help="processes decoding the next images")
+    parser.add_argument("--num_workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="processes decoding the next images (at most 2, at most the cores)")
     parser.add_argument("--save_every", type=int, default=25, help="images between saves of the FID sums and JSON")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
     add_bootstrap_flags(parser)

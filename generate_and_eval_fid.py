@@ -33,6 +33,7 @@ from models import MODELS, SAMPLING_FLAGS
 from partitioned_vae import check_size
 from patch_fid import (FEATURES_FILE, PATCH_SEED, PATCH_SIZE, PATCHES_PER_IMAGE, patch_fid_features,
                        recorded_features, save_features)
+from tiny_models import TINY_METRIC_FILES, is_stand_in
 
 SETTINGS_FILE = "generation_settings.json"
 WHOLE_IMAGE_METRICS = ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio")  # one pass computes all
@@ -230,6 +231,7 @@ def run(args, state):
     add_eval_intervals(metrics, rows, features, args.bootstrap, args.bootstrap_seed, args.patches_per_image)
     save_features(Path(args.save_path) / FEATURES_FILE, **features)
     metrics["settings"] = {**vars(args), "num_processes": state.num_processes}
+    metrics["stand_in_metrics"] = any(is_stand_in(getattr(args, flag)) for flag in TINY_METRIC_FILES)
     metrics["protocol"] = {**PROTOCOL, "fid_feature": f"torchmetrics FrechetInceptionDistance, {args.fid_feature}-d "
                                                       f"Inception features, antialias=False (torch-fidelity's resize "
                                                       f"to 299)",
@@ -242,7 +244,11 @@ def run(args, state):
                                             f"{args.patch_size}x{args.patch_size} crop(s) per image at native "
                                             f"resolution, seed {args.patch_seed} (patch_fid.py)")
     write_results(args.save_path, metrics, rows or [{"file": name} for name in features["files"]])
-    print(json.dumps({k: metrics[k] for k in (*METRICS, "num_images", "truncated_prompts") if k in metrics}))
+    print(json.dumps({k: metrics[k] for k in (*METRICS, "num_images", "truncated_prompts", "stand_in_metrics")
+                      if k in metrics}))
+    if metrics["stand_in_metrics"]:
+        print("stand_in_metrics: the metric networks are tiny_models.py's random stand-ins: FID, CLIPScore and "
+              "Aesthetics here are meaningless")
     return metrics
 
 
@@ -272,7 +278,8 @@ def parse_args(argv=None):
     parser.add_argument("--patch_seed", type=int, default=PATCH_SEED, help="seed of the patch-FID crop positions")
     add_bootstrap_flags(parser)
     parser.add_argument("--eval_batch_size", type=int, default=8, help="images held in memory while evaluating")
-    parser.add_argument("--num_workers", type=int, default=4, help="processes decoding images while evaluating")
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes decoding images while evaluating (at most 4, at most the cores)")
     parser.add_argument("--inception_weights", default=None, help="weights-inception-2015-12-05-6726825d.pth")
     parser.add_argument("--clip_score_model", default=None, help="local openai/clip-vit-base-patch16 folder")
     parser.add_argument("--aesthetic_clip", default=None,

@@ -138,12 +138,17 @@ def summary_tables(comparison):
             f"<td>{cell(v['value'])} [{cell(v['ci95'][0])}, {cell(v['ci95'][1])}]</td>" if v else "<td>–</td>"
             for v in (comparison["folders"][label].get(metric) for label in labels)) + "</tr>")
     parts.append("</table><h3>Differences (b − a), 95 % bootstrap intervals; * : the interval excludes 0</h3>"
-                 "<table id='pairs'><tr><th>a</th><th>b</th><th>metric</th><th>b − a</th><th>95 % interval</th>"
-                 "<th>n pairs</th><th></th></tr>")
+                 "<p>A * says the difference is larger than the resampling noise of these images, not that it is "
+                 "large enough to matter: read it against its size relative to a, and against how far the metric "
+                 "moves between two runs of one model with another seed (docs/comparing.md).</p>"
+                 "<table id='pairs'><tr><th>a</th><th>b</th><th>metric</th><th>b − a</th><th>relative to a</th>"
+                 "<th>95 % interval</th><th>n pairs</th><th></th></tr>")
     for p in comparison["pairs"]:
         mark = "<span class='sig'>*</span>" if p["significant"] else "<span class='ns'>n.s.</span>"
+        base = comparison["folders"][p["a"]][p["metric"]]["value"]
+        relative = f"{100 * p['difference'] / abs(base):+.3g} %" if base else "–"
         parts.append(f"<tr><td class='l'>{html.escape(p['a'])}</td><td class='l'>{html.escape(p['b'])}</td>"
-                     f"<td class='l'>{p['metric']}</td><td>{cell(p['difference'])}</td>"
+                     f"<td class='l'>{p['metric']}</td><td>{cell(p['difference'])}</td><td>{relative}</td>"
                      f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td><td>{p['n_pairs']}</td>"
                      f"<td>{mark}</td></tr>")
     return "".join(parts) + "</table>"
@@ -165,7 +170,17 @@ def sprite_img(src, box, css_class, alt, title, extra=""):
             f"-{y}px'{extra} alt='{html.escape(alt)}' title='{html.escape(title)}'>")
 
 
-def prompt_section(out, runs, name, placed, sprites):
+def crop_note(width, height, crop_size):
+    """What the crops of a width × height image show when it is smaller than the crop (else "")."""
+    if width >= crop_size and height >= crop_size:
+        return ""
+    if width <= crop_size and height <= crop_size:
+        return f" (the image is smaller than the {crop_size}² crop: both crops show all of it)"
+    side = "width" if width < crop_size else "height"
+    return f" (the image is smaller than the {crop_size}² crop: each crop spans its full {side})"
+
+
+def prompt_section(out, runs, name, placed, sprites, crop_size):
     """HTML of one prompt: a column per folder (thumbnail, metrics, crops, zoom view)."""
     prompt = next((run["rows"][name].get("prompt") for run in runs if run["rows"][name].get("prompt")), "")
     parts = [f"<div class='prompt' id='p-{html.escape(Path(name).stem)}'><b>{html.escape(name)}</b> "
@@ -182,7 +197,8 @@ def prompt_section(out, runs, name, placed, sprites):
             + "".join(sprite_img(sprites[1], box, "crop", f"{which}-GLCM patch",
                                  f"{which}-GLCM 64² patch of the first folder, 1:1")
                       for box, which in zip(item["crops"], ("highest", "lowest")))
-            + "</div><div class='m'>crops: highest, lowest GLCM · zoom (click a thumbnail):</div>"
+            + f"</div><div class='m'>crops: highest, lowest GLCM{crop_note(width, height, crop_size)} · zoom (click a "
+              "thumbnail):</div>"
             "<div class='zoom'><img alt=''></div></div>")
     return "".join(parts) + "</div></div>"
 
@@ -205,7 +221,8 @@ def write_report(out, runs, comparison, paired, unpaired, thumb_size=256, crop_s
             for placed, sprites in results:
                 made += [(item, sprites) for item in placed]
                 bar.update(len(placed))
-    sections = [prompt_section(out, runs, name, placed, sprites) for name, (placed, sprites) in zip(paired, made)]
+    sections = [prompt_section(out, runs, name, placed, sprites, crop_size)
+                for name, (placed, sprites) in zip(paired, made)]
     notes = "".join(f"<p>{html.escape(label)}: {len(names)} image(s) without a match in every folder, left out: "
                     f"{html.escape(', '.join(names[:10]))}{' …' if len(names) > 10 else ''}</p>"
                     for label, names in unpaired.items() if names)

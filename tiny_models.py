@@ -137,6 +137,12 @@ def build_tiny_flux_pipeline(seed=0):
                         text_encoder_2=_t5_text_encoder(t5_tok, seed + 3), tokenizer_2=t5_tok)
 
 
+def is_stand_in(path):
+    """Whether a weight file or folder is one of this module's random stand-ins: the folder it sits in holds the
+    TINY_RANDOM_WEIGHTS.json marker written beside them (None: no file given)."""
+    return path is not None and (Path(path).resolve().parent / MARKER).is_file()
+
+
 def save_tiny_pipelines(out_dir, seed=0):
     """Write OUT/tiny-sd3 and OUT/tiny-flux as diffusers directories; returns {"sd3": path, "flux": path}."""
     out_dir = Path(out_dir)
@@ -144,7 +150,7 @@ def save_tiny_pipelines(out_dir, seed=0):
     for kind, build in (("sd3", build_tiny_sd3_pipeline), ("flux", build_tiny_flux_pipeline)):
         path = out_dir / f"tiny-{kind}"
         build(seed).save_pretrained(path, safe_serialization=True)
-        (path / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
+        (path / MARKER).write_text(json.dumps({"kind": kind, "seed": seed}) + "\n")
         paths[kind] = path
     return paths
 
@@ -153,6 +159,7 @@ def save_tiny_pipelines(out_dir, seed=0):
 # Metric-model stand-ins (random weights, the file formats a user downloads) for generate_and_eval_fid.py
 # ---------------------------------------------------------------------------------------------------------
 
+MARKER = "TINY_RANDOM_WEIGHTS.json"  # beside every random-weight model this module writes
 TINY_METRIC_FILES = {  # the generate_and_eval_fid.py flag each stand-in is passed to; "random-": never real weights
     "clip_score_model": "random-clip-vit-base-patch16",
     "aesthetic_clip": "random-open_clip-vit-l-14",
@@ -233,7 +240,7 @@ def save_tiny_metric_models(out_dir, seed=0):
     torch.manual_seed(seed + 3)
     torch.save(AestheticHead(TINY_OPEN_CLIP_CONFIG["embed_dim"]).state_dict(), paths["aesthetic_head"])
     torch.save(build_tiny_inception_state_dict(seed + 4), paths["inception_weights"])
-    (out_dir / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps({"kind": "metrics", "seed": seed}) + "\n")
+    (out_dir / MARKER).write_text(json.dumps({"kind": "metrics", "seed": seed}) + "\n")
     return paths
 
 
@@ -257,6 +264,7 @@ def save_tiny_lpips_weights(out_dir, net="alex", seed=0):
     paths = out_dir / f"random-lpips-{net}-backbone.pth", out_dir / f"random-lpips-{net}-heads.pth"
     torch.save(backbone, paths[0])
     torch.save(heads, paths[1])
+    (out_dir / MARKER).write_text(json.dumps({"kind": f"lpips-{net}", "seed": seed}) + "\n")
     return paths
 
 

@@ -2,6 +2,8 @@
 copy loses GLCM significantly, FID-family numbers come from the saved features, and the outputs have the set shape."""
 import csv
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -133,6 +135,11 @@ def test_eval_py_results_are_used_when_the_folder_has_them(folders, tmp_path):
                                                   str(tmp_path / "out"), "--workers", "1", "--no_report"]))
     assert comparison["folders"]["copy"]["glcm_score"]["value"] == pytest.approx(0.5 + 0.01 * (N - 1) / 2)
     assert comparison["folders"]["copy"]["compression_ratio"]["value"] == pytest.approx(10.0)
+    assert [p.name for p in (tmp_path / "out" / "measured").iterdir()] == ["0.csv"]  # base only: measured here
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # nothing written over the null device on the way
+    compare.main(compare.parse_args(["--folders", str(fake), str(fake), "--labels", "a", "b", "--out",
+                                     str(tmp_path / "both"), "--workers", "1", "--no_report"]))
+    assert not (tmp_path / "both" / "measured").exists()  # nothing measured here: no empty folder
 
 
 def test_fid_and_patch_fid_come_from_the_saved_features(folders, tmp_path):
@@ -182,3 +189,16 @@ def test_usage_errors(folders, tmp_path):
     with pytest.raises(UsageError, match="no image file name is in every folder"):
         compare.main(compare.parse_args(["--folders", str(folders["base"]), str(other), "--out", str(tmp_path / "o"),
                                          "--workers", "1"]))
+
+
+def test_the_report_says_when_an_image_is_smaller_than_the_crop_and_how_large_a_difference_is(folders, tmp_path):
+    argv = ["--folders", str(folders["base"]), str(folders["blurred"]), "--out", str(tmp_path / "big"),
+            "--bootstrap", "50", "--workers", "1", "--crop_size", "200"]
+    comparison = compare.main(compare.parse_args(argv))
+    page = (tmp_path / "big" / "report.html").read_text()
+    assert page.count("the image is smaller than the 200² crop: both crops show all of it") == 2 * N  # 128² images
+    compare.main(compare.parse_args([*argv[:4], str(tmp_path / "fits"), *argv[5:-1], "128"]))
+    assert "smaller than" not in (tmp_path / "fits" / "report.html").read_text()  # 128² images, 128² crops
+    glcm = pair(comparison, "base", "blurred", "glcm_score")
+    relative = 100 * glcm["difference"] / comparison["folders"]["base"]["glcm_score"]["value"]
+    assert f"<td>{relative:+.3g} %</td>" in page and "not that it is large enough to matter" in page

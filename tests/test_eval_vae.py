@@ -124,6 +124,7 @@ def test_eval_vae_scores_each_photo_skips_bad_files_and_resumes(files, tmp_path,
     assert {s["file"]: s["reason"].split(" ")[0] for s in summary["skipped"]} == {"notes.txt": "not",
                                                                                   "broken.jpg": "unreadable"}
     assert summary["vae_mode"] == "partitioned" and summary["size"] == SIZE and summary["grid"] == 2
+    assert summary["stand_in_metrics"] is True  # the LPIPS weights are tiny_models' random stand-ins
     rows = read_csv(tmp_path / "full.csv")
     assert [row["file"] for row in rows] == ["astronaut.png", "chelsea.png", "coffee.png"]
 

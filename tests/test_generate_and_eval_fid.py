@@ -88,6 +88,7 @@ def test_run_writes_size_x_size_images_metrics_and_csv(single_run):
     saved = json.loads((save_path / "metrics.json").read_text())
     assert all(math.isfinite(saved[key]) for key in METRICS)
     assert saved["fid"] > 0 and saved["num_images"] == 4
+    assert saved["stand_in_metrics"] is True  # tiny_models' random networks: the numbers say nothing
     assert saved["truncated_prompts"] == 1  # only LONG_PROMPT exceeds 77 CLIP tokens
     assert saved["settings"]["size"] == SIZE and saved["settings"]["num_inference_steps"] == 2
     with open(save_path / "per_image.csv") as f:
@@ -171,6 +172,25 @@ def test_missing_or_wrong_metric_file_is_reported_before_generation(tiny_ckpts, 
     with pytest.raises(ValueError, match="--aesthetic_head .* is not the 768-input aesthetic MLP"):
         main(args)
     assert not (tmp_path / "out").exists()  # nothing was generated
+
+
+def test_metrics_from_weight_files_that_are_not_stand_ins_say_so(single_run, eval_set, metric_files, tmp_path):
+    save_path, _ = single_run
+    copies = {}
+    for flag, path in metric_files.items():  # the same files in a folder without the stand-ins' marker
+        copies[flag] = tmp_path / "weights" / path.name
+        copies[flag].parent.mkdir(exist_ok=True)
+        (shutil.copytree if path.is_dir() else shutil.copy)(path, copies[flag])
+    scored = tmp_path / "scored"
+    shutil.copytree(save_path, scored)
+    metrics = main(parse_args(_argv("unused", eval_set, scored, copies, "--skip_generation")))
+    assert metrics["stand_in_metrics"] is False
+
+
+def test_num_workers_defaults_to_at_most_the_cores(monkeypatch):
+    for cores, expected in ((1, 1), (2, 2), (64, 4)):
+        monkeypatch.setattr(os, "cpu_count", lambda: cores)
+        assert parse_args(["--json_file", "j", "--save_path", "s"]).num_workers == expected
 
 
 def test_skip_generation_needs_every_image(single_run, eval_set, metric_files, tmp_path):

@@ -41,14 +41,20 @@ def photos(tmp_path_factory):
 
 
 def test_eval_py_writes_intervals_and_keeps_its_values(photos, repo_root, tmp_path):
+    printed = {}
+
     def run(*extra):
         out = tmp_path / f"summary{len(extra)}.json"
-        subprocess.run([sys.executable, str(repo_root / "eval.py"), "--img_root", str(photos), "--workers", "1",
-                        "--output_json", str(out), "--output_csv", str(tmp_path / "rows.csv"), *extra],
-                       check=True, capture_output=True)
+        printed[len(extra)] = subprocess.run(
+            [sys.executable, str(repo_root / "eval.py"), "--img_root", str(photos), "--workers", "1", "--output_json",
+             str(out), "--output_csv", str(tmp_path / "rows.csv"), *extra], check=True, capture_output=True,
+            text=True).stdout
         return json.loads(out.read_text())
 
     off, on = run("--bootstrap", "0"), run("--bootstrap", "300", "--bootstrap_seed", "3")
+    shown = [f"[{float(f'{lo:.4g}')!r}, {float(f'{hi:.4g}')!r}]".replace(".0,", ",").replace(".0]", "]")
+             for lo, hi in (on["glcm_score_ci95"], on["compression_ratio_ci95"])]
+    assert f"GLCM {shown[0]}, CR {shown[1]}" in printed[4]  # the terminal gets 4 significant digits
     assert off["bootstrap"] == 0 and not any(key.endswith("_ci95") for key in off)
     assert {k: v for k, v in on.items() if k not in ("glcm_score_ci95", "compression_ratio_ci95", "bootstrap",
                                                     "bootstrap_seed")} == {k: v for k, v in off.items()
