@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import warnings
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -49,10 +50,56 @@ def check_launch(accelerator, launched):
             f"without the DeepSpeed config, or `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N`).")
 
 
+def is_built(builder):
+    """Whether torch's extension folder ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/pyXY_cuZZZ) holds a
+    finished build of a DeepSpeed op made from this installation: the library, ninja's log of the build, and a
+    build.ninja naming this torch's headers and this DeepSpeed's sources (a build from another venv or path is
+    rebuilt, since torch rewrites build.ninja and ninja sees new commands)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    folder = Path(_get_build_directory(builder.NAME, verbose=False))
+    if not all((folder / name).is_file() for name in (f"{builder.NAME}.so", ".ninja_log", "build.ninja")):
+        return False
+    recipe = (folder / "build.ninja").read_text()
+    paths = [os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "include"),
+             *(os.path.abspath(builder.deepspeed_src_path(source)) for source in builder.sources())]
+    return all(path in recipe for path in paths)
+
+
+def deepspeed_builds_pending(offload_optimizer):
+    """The DeepSpeed ops this job will compile before it starts (cpu_adam when the optimizer is offloaded; on the CPU
+    also the shared-memory communication op): those neither installed prebuilt with DeepSpeed nor built (is_built)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.git_version_info import installed_ops
+
+    pending = []
+    for name in ("CPUAdamBuilder", "ShareMemCommBuilder") if offload_optimizer else ("ShareMemCommBuilder",):
+        builder = get_accelerator().create_op_builder(name)
+        if (builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False)
+                or installed_ops.get(builder.NAME, False)):
+            continue  # never built (this accelerator has no such op), or shipped prebuilt
+        if not is_built(builder):
+            pending.append(builder.NAME)
+    return pending
+
+
+def say_deepspeed_builds():
+    """Under a DeepSpeed launch, say before the silent one-time compile of its ops that it is coming (once a node)."""
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("none", "")
+    pending = deepspeed_builds_pending(offload)
+    if pending:
+        name = "cpu_adam" if "cpu_adam" in pending else pending[0]
+        print(f"compiling DeepSpeed's {name} (first run only, ~1–2 min)", flush=True)
+
+
 def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, report_to):
     """The run's Accelerator (precision: the flag, else accelerate's, else bf16); quiet transformers and diffusers.
 
     Refuses a launch whose processes would not form one job; several CPU processes become one gloo job."""
+    say_deepspeed_builds()  # the Accelerator builds DeepSpeed's communication op, the optimizer its cpu_adam
     launched = launched_processes()
     accelerator = Accelerator(
         cpu=is_cpu_job(launched),

@@ -324,9 +324,7 @@ def build_optimizer(params, accelerator, use_8bit_adam=False, **settings):
     lr and weight decay). Otherwise use_8bit_adam takes bitsandbytes' AdamW8bit.
     """
     if deepspeed_offloads_optimizer(accelerator):
-        logger.info("Loading DeepSpeed's CPU Adam (cpu_adam): its first use compiles it once, which takes a few "
-                    "minutes without output; later runs reuse the build.")
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # compiled on first use: make_accelerator said so
 
         accelerator.state.deepspeed_plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
         return DeepSpeedCPUAdam(params, adamw_mode=True, **settings)

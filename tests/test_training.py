@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from skimage import data as skdata
 from torchvision import transforms
 
+import accelerated
 import checkpoints
 import generation
 import train_flux
@@ -95,14 +96,50 @@ def deepspeed_runs(tiny_ckpts, dataset, tmp_path_factory):
     """Three WLF steps at 256x256 under DeepSpeed for each trainer, checkpointing at step 2."""
     runs = {}
     for kind in ("sd3", "flux"):
+        pending = accelerated.deepspeed_builds_pending(offload_optimizer=True)  # this machine's build, before the run
         out = tmp_path_factory.mktemp(f"ds-{kind}")
         result = launch_deepspeed(f"train_{kind}.py", "--pretrained_model_name_or_path", str(tiny_ckpts[kind]),
                                   "--instance_data_dir", str(dataset), "--output_dir", str(out), "--resolution", "256",
                                   "--train_batch_size", "2", "--max_train_steps", "3", "--checkpointing_steps", "2",
                                   "--max_sequence_length", "32", "--loss", "wlf", "--report_to", "none")
-        assert "cpu_adam" in result.stderr and "compiles it once" in result.stderr  # said before a silent build
+        said = "compiling DeepSpeed's cpu_adam (first run only, ~1–2 min)" in result.stdout
+        assert said == ("cpu_adam" in pending), (pending, result.stdout[-2000:])  # said only before a real build
         runs[kind] = out
+    assert accelerated.deepspeed_builds_pending(offload_optimizer=True) == []  # built now, whatever it was before
     return runs
+
+
+def ninja_would_build(folder):
+    """Whether ninja, as torch runs it (the one on PATH), has work to do in `folder` (its dry run; on a copy only:
+    a dry run may rewrite ninja's log)."""
+    result = subprocess.run([shutil.which("ninja"), "-n", "-C", str(folder)], capture_output=True, text=True)
+    return "no work to do" not in result.stdout
+
+
+def test_deepspeed_builds_are_pending_exactly_when_ninja_would_build_them(deepspeed_runs, tmp_path, monkeypatch):
+    import deepspeed
+    from torch.utils.cpp_extension import _get_build_directory
+
+    built = tmp_path / "built"  # a copy of this machine's build, made by the runs above (mtimes kept)
+    for name in ("cpu_adam", "deepspeed_shm_comm"):
+        shutil.copytree(_get_build_directory(name, verbose=False), built / name)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(built))
+    assert not any(ninja_would_build(built / name) for name in ("cpu_adam", "deepspeed_shm_comm"))
+    assert accelerated.deepspeed_builds_pending(offload_optimizer=True) == []
+    cases = {"library gone": lambda folder: (folder / "cpu_adam.so").unlink(),
+             "another venv's build": lambda folder: (folder / "build.ninja").write_text(
+                 (folder / "build.ninja").read_text().replace(os.path.dirname(deepspeed.__file__), "/elsewhere")),
+             "no ninja log": lambda folder: (folder / ".ninja_log").unlink()}
+    for case, damage in cases.items():
+        copy = tmp_path / case.replace(" ", "_")
+        shutil.copytree(built, copy)
+        damage(copy / "cpu_adam")
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(copy))
+        assert ninja_would_build(copy / "cpu_adam") and not ninja_would_build(copy / "deepspeed_shm_comm"), case
+        assert accelerated.deepspeed_builds_pending(offload_optimizer=True) == ["cpu_adam"], case
+        assert accelerated.deepspeed_builds_pending(offload_optimizer=False) == [], case  # no offload: no cpu_adam
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "empty"))
+    assert accelerated.deepspeed_builds_pending(offload_optimizer=True) == ["cpu_adam", "deepspeed_shm_comm"]
 
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
