@@ -4,6 +4,7 @@ and the run's command-line flags."""
 import argparse
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -119,6 +120,19 @@ def make_accelerator(output_dir, gradient_accumulation_steps, mixed_precision, r
     return accelerator
 
 
+def checked_only(data):
+    """Start accelerate's state for a --check_only process (its checks warn through accelerate's logger) and
+    return the line it ends with, naming what it found in `data` (a callable returning a count of images)."""
+    from accelerate import PartialState
+
+    PartialState()
+    images = data()
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "the trainer"
+    print(f"{script} --check_only: the flags, the model, the data ({images} images) and --output_dir are fine; "
+          f"nothing was trained.", flush=True)
+    return None
+
+
 def end_run(accelerator):
     """Wait for every process, close the trackers, and tear the process group down now (not in a rank's exit)."""
     accelerator.wait_for_everyone()
@@ -220,3 +234,7 @@ def add_run_flags(parser):
     parser.add_argument("--num_validation_images", type=int)
     parser.add_argument("--validation_steps", type=int, default=1000)
     parser.add_argument("--report_to", default="tensorboard", help='an accelerate tracker, or "none"')
+    parser.add_argument("--check_only", action="store_true",
+                        help="check every flag, the model, the data and the output folder, then stop without training: "
+                             "the .sh launch scripts run it in one plain process before `accelerate launch`, so that a "
+                             "mistake is one line, not a launcher's traceback")

@@ -23,7 +23,7 @@ TRAINER_STATE = "trainer_state.json"  # in each checkpoint-N: the step, the prob
 EXTENDING_FLAGS = {"max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
                    "validation_prompt", "validation_steps", "num_validation_images", "report_to",
                    "dataloader_num_workers", "output_dir", "data_cache_dir", "gradient_checkpointing",
-                   "overwrite_output_dir", "accept_changed_settings"}
+                   "overwrite_output_dir", "accept_changed_settings", "check_only"}
 
 
 #################################################################################

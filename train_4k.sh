@@ -4,7 +4,9 @@
 # (gradient accumulation fills what PER_DEVICE_BATCH x NUM_PROCESSES leaves); lr 1e-6 constant, 20,000 steps, a
 # checkpoint every 5,000 and gradient checkpointing are the trainer's defaults. The authors also pass --use_8bit_adam:
 # with the optimizer offloaded DeepSpeed runs its own CPU AdamW, so the trainer refuses it and it is left out.
-# Needs TRAIN_SCRIPT, MODEL_DIR, OUTPUT_DIR, NUM_PROCESSES, PER_DEVICE_BATCH; flags pass through.
+# Needs TRAIN_SCRIPT, MODEL_DIR, OUTPUT_DIR, NUM_PROCESSES, PER_DEVICE_BATCH; flags pass through. MIXED_PRECISION
+# overrides ds_config.yaml's bf16 (the CPU: no). The flags are checked first in one plain process (PYTHON, default
+# python, with --check_only): a mistake ends the script in one line before accelerate starts anything.
 # Several machines: run it on each with NUM_MACHINES, MACHINE_RANK (0 on the main one), MAIN_PROCESS_IP (the main
 # machine's address) and optionally MAIN_PROCESS_PORT (29500); NUM_PROCESSES counts the processes of all machines.
 set -euo pipefail
@@ -30,12 +32,16 @@ fi
 export TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 
+PRECISION=()
+if [ -n "${MIXED_PRECISION:-}" ]; then PRECISION=(--mixed_precision "$MIXED_PRECISION"); fi
+
 # Every other setting is the trainer's default (training.build_parser, models.MODELS): see `TRAIN_SCRIPT --help`.
+FLAGS=(--pretrained_model_name_or_path "$MODEL_DIR"
+       --instance_data_dir "$DATA_DIR"
+       --output_dir "$OUTPUT_DIR"
+       --train_batch_size "$PER_DEVICE_BATCH"
+       --gradient_accumulation_steps "$ACCUMULATION"
+       "$@")
+"${PYTHON:-python}" "$HERE/$TRAIN_SCRIPT" "${FLAGS[@]}" --check_only
 accelerate launch --config_file "$HERE/ds_config.yaml" --num_processes "$NUM_PROCESSES" "${MACHINES[@]}" \
-  "$HERE/$TRAIN_SCRIPT" \
-  --pretrained_model_name_or_path "$MODEL_DIR" \
-  --instance_data_dir "$DATA_DIR" \
-  --output_dir "$OUTPUT_DIR" \
-  --train_batch_size "$PER_DEVICE_BATCH" \
-  --gradient_accumulation_steps "$ACCUMULATION" \
-  "$@"
+  "${PRECISION[@]}" "$HERE/$TRAIN_SCRIPT" "${FLAGS[@]}"

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import outputs
-from accelerated import DataProblems, add_run_flags, end_run, make_accelerator, step_generator
+from accelerated import DataProblems, add_run_flags, checked_only, end_run, make_accelerator, step_generator
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
 from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
@@ -316,6 +316,9 @@ def main(args):
     check_args(args)
     with outputs.FolderLock(args.output_dir, "--output_dir"):
         check_output_dir(args, Path(args.output_dir), RUN_FILES, EXTENDING_FLAGS)
+        if args.check_only:  # the data too, as the run lists it first; then stop
+            return checked_only(lambda: len(find_images(args.train_data_dir, f"--train_data_dir {args.train_data_dir}",
+                                                        IMAGE_SUFFIXES)[0]))
         return fine_tune(args)
 
 

@@ -13,27 +13,32 @@ OUTPUT_DIR=${OUTPUT_DIR:-./outputs/sc-vae}
 LPIPS_BACKBONE=${LPIPS_BACKBONE:-./pretrain/metrics/vgg16-397923af.pth}
 NUM_PROCESSES=${NUM_PROCESSES:-4}
 
+FLAGS=(
+  --pretrained_model_name_or_path "$MODEL_DIR"
+  --train_data_dir "$DATA_DIR"
+  --output_dir "$OUTPUT_DIR"
+  --mixed_precision no
+  --resolution 512
+  --train_batch_size 32
+  --gradient_accumulation_steps 2
+  --gradient_checkpointing
+  --num_train_epochs 1
+  --learning_rate 1e-5
+  --discr_learning_rate 1e-5
+  --lr_scheduler constant
+  --lr_warmup_steps 0
+  --adam_weight_decay 1e-4
+  --lpips_scale 0.1
+  --gen_scale 0.05
+  --sc_scale 1
+  --lpips_net vgg
+  --lpips_backbone "$LPIPS_BACKBONE"
+  --use_ema
+  --seed 0
+  --checkpointing_steps 10000
+  "$@")
+# One plain process checks the flags, model, data and output folder first (PYTHON, default python): a mistake then
+# ends here in one line, before accelerate starts anything.
+"${PYTHON:-python}" "$HERE/train_sc_vae.py" "${FLAGS[@]}" --check_only
 accelerate launch --config_file "$HERE/sc_vae_config.yaml" --num_processes "$NUM_PROCESSES" "$HERE/train_sc_vae.py" \
-  --pretrained_model_name_or_path "$MODEL_DIR" \
-  --train_data_dir "$DATA_DIR" \
-  --output_dir "$OUTPUT_DIR" \
-  --mixed_precision no \
-  --resolution 512 \
-  --train_batch_size 32 \
-  --gradient_accumulation_steps 2 \
-  --gradient_checkpointing \
-  --num_train_epochs 1 \
-  --learning_rate 1e-5 \
-  --discr_learning_rate 1e-5 \
-  --lr_scheduler constant \
-  --lr_warmup_steps 0 \
-  --adam_weight_decay 1e-4 \
-  --lpips_scale 0.1 \
-  --gen_scale 0.05 \
-  --sc_scale 1 \
-  --lpips_net vgg \
-  --lpips_backbone "$LPIPS_BACKBONE" \
-  --use_ema \
-  --seed 0 \
-  --checkpointing_steps 10000 \
-  "$@"
+  "${FLAGS[@]}"

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 import lora
 import outputs
 import parquet_shards
-from accelerated import (DataProblems, add_run_flags, end_run, gather_union, make_accelerator, step_generator,
-                         warn_problems)
+from accelerated import (DataProblems, add_run_flags, checked_only, end_run, gather_union, make_accelerator,
+                         step_generator, warn_problems)
 from checkpoints import (add_checkpoint_flags, check_output_dir, clear_run, holds_run, resume, run_settings,
                          save_checkpoint)
 from errors import HelpFormatter, UsageError, check_at_least
@@ -623,6 +623,9 @@ def train(args, spec):
     lora_config = lora.check_training_flags(args, spec.transformer_class, args.pretrained_model_name_or_path)
     with outputs.FolderLock(args.output_dir, "--output_dir"):
         check_output_dir(args, Path(args.output_dir), RUN_FILES)
+        if args.check_only:  # the data's metadata too, as the run reads it first; then stop
+            return checked_only(lambda: len(read_training_data(args.instance_data_dir, args.image_column,
+                                                               args.caption_column)[0]))
         return fine_tune(args, spec, lora_config)
 
 

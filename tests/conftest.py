@@ -106,6 +106,24 @@ def repo_root():
     return ROOT
 
 
+def recording_launch(folder):
+    """An environment in which a launch script's `accelerate` and its flag check (`$PYTHON`) only record their
+    arguments, one a line, in FOLDER/accelerate.txt and FOLDER/python.txt (what they were given)."""
+    bin_dir = Path(folder) / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("accelerate", "python"):
+        fake = bin_dir / tool
+        fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > "{Path(folder) / tool}.txt"\n')
+        fake.chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
+
+
+def recorded(folder, tool):
+    """The arguments a recording_launch tool was given ([] when it was not run)."""
+    path = Path(folder) / f"{tool}.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpts(tmp_path_factory):
     """{"sd3": Path, "flux": Path}: tiny random-weight diffusers pipelines saved with save_pretrained."""

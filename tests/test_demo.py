@@ -6,6 +6,7 @@ same machine) under a transformer trained 450 steps instead of 800, built once p
 cores), and 2 fine-tuning steps. Slow path (`pytest -m slow`): the demo at its defaults, held to the issue's bar.
 """
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 from diffusers import AutoencoderKL
 from PIL import Image
 
+import demo
 import miniature
 from partitioned_vae import load_f16_vae
 
@@ -67,9 +69,16 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
     out = tmp_path / "demo"
     for kind in ("sd3", "flux"):  # the same settings as DEMO_FLAGS: the demo keeps them
         shutil.copytree(quick_miniatures[kind], out / f"miniature-{kind}")
-    cmd = [sys.executable, "demo.py", "--out", str(out), *DEMO_FLAGS]
-    first = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
+    cmd = [sys.executable, str(repo_root / "demo.py"), "--out", "demo", *DEMO_FLAGS]  # relative to where it runs
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # Every step that runs a script is announced before it starts, with its log, and timed when it ends:
+    lines = first.stdout.splitlines()
+    finished = [k for k, line in enumerate(lines) if re.search(r"\] (\w+): done in \d+ s$", line)]
+    assert len(finished) == 4 + 5 + 2  # fine-tunes, generations, eval.py, generate_and_eval_fid.py
+    for k in finished:
+        name = re.search(r"\] (\w+): done", lines[k]).group(1)
+        assert any(f"(log: {out / 'logs' / name}.log)" in line for line in lines[:k]), name
 
     summary = json.loads((out / "summary.json").read_text())
     for name in ("wlf", "mse", "wlf-1222", "flux-wlf"):
@@ -84,6 +93,8 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
     for name in ("pretrained", "wlf", "wlf-1222", "flux-pretrained", "flux-wlf"):
         assert len(summary["samples"][name]["per_photo"]) == 8
         assert np.isfinite(summary["detail"][name]["glcm_score"])
+        assert f"{demo.LABELS[name]:<23}: PSNR to own photo" in first.stdout  # a line per sample set, 1,2,2,2 too
+    assert summary["match_margin_db"] == demo.MATCH_MARGIN_DB and summary["match_rule"] == demo.MATCH_RULE
     # The samples recall their own photos (nearest in PSNR), through test_sd3.py and the F=16 partitioned VAE:
     assert summary["sample_match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["wlf"]["per_photo"]
     assert summary["samples"]["pretrained"]["match"] >= QUICK_SAMPLE_MATCH, summary["samples"]["pretrained"]
@@ -92,18 +103,19 @@ def test_demo_runs_the_paper_steps_and_resumes(repo_root, tmp_path, quick_miniat
         assert summary["samples"][name]["match"] >= FLUX_SAMPLE_MATCH, summary["samples"][name]
     assert summary["vae_psnr_f8"] >= VAE_F8_PSNR and abs(summary["vae_psnr_f16"] - summary["vae_psnr_f8_half"]) < 1
     assert "random" in summary["fid_sd3_note"] and np.isfinite(summary["fid_sd3"]["fid"])
-    assert Image.open(out / "summary.png").size == (96 + 8 * 136, 20 + 8 * 150)
+    sheet = Image.open(out / "summary.png")
+    assert sheet.width > 9 * (demo.THUMB + 8) and sheet.height > 8 * (demo.THUMB + 6 + demo.LINE)  # 9 columns
     assert "sample_match" in first.stdout
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.suffix in (".png", ".safetensors")
               and p.name != "summary.png" and p.parent.name != "reconstructions"}
-    again = subprocess.run(cmd, cwd=repo_root, capture_output=True, text=True)
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "train_wlf:" not in again.stdout and "generate_wlf:" not in again.stdout and "miniature:" not in again.stdout
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     # The same folder with another setting would mix two runs' results: refused before anything runs.
-    other = subprocess.run([*cmd, "--finetune_steps", "3"], cwd=repo_root, capture_output=True, text=True)
+    other = subprocess.run([*cmd, "--finetune_steps", "3"], cwd=tmp_path, capture_output=True, text=True)
     assert other.returncode == 2 and "--finetune_steps 2 -> 3" in other.stderr, other.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -120,3 +132,47 @@ def test_demo_defaults_reach_the_bar(repo_root, tmp_path):
     assert summary["sample_match"] >= 6, summary["samples"]["wlf"]["per_photo"]
     assert summary["sample_match_flux"] >= 6 and summary["samples"]["flux-pretrained"]["match"] >= 6, summary["samples"]
     assert min(p["f8"] for p in summary["vae_psnr_per_photo"].values()) >= 16.0, summary["vae_psnr_per_photo"]
+
+
+def test_demo_sh_writes_relative_to_where_it_is_run_and_the_photos_sub_command_makes_training_data(repo_root,
+                                                                                                   tmp_path):
+    result = subprocess.run(["bash", str(repo_root / "demo.sh"), "photos", "data/tiny", "--size", "64"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "data" / "tiny" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == list(miniature.PHOTOS.values())
+    for record, name in zip(records, miniature.PHOTOS):  # each photo as miniature.photo makes it
+        image = Image.open(tmp_path / "data" / "tiny" / record["file_name"])
+        assert image.size == (64, 64) and np.array_equal(np.asarray(image), np.asarray(miniature.photo(name, 64)))
+    assert (tmp_path / "data" / "captions.txt").read_text().splitlines() == list(miniature.PHOTOS.values())
+    assert not (repo_root / "data" / "tiny").exists() or (repo_root / "data" / "tiny") == tmp_path / "data" / "tiny"
+
+
+def test_a_sample_matches_only_beyond_the_margin_and_a_flat_image_never_does(tmp_path):
+    photos_dir = tmp_path / "photos"
+    demo.make_image_folder(photos_dir, 64)
+    flats = tmp_path / "flat"
+    flats.mkdir()
+    samples = {}
+    for name in miniature.PHOTOS:  # each photo's own mean colour: the best a flat image can do against it
+        photo = np.asarray(Image.open(photos_dir / f"{name}.png"), dtype=np.float64)
+        Image.fromarray(np.full(photo.shape, photo.mean(axis=(0, 1)).round(), np.uint8)).save(flats / f"{name}.png")
+        samples[name] = flats / f"{name}.png"
+    assert not any(s["match"] for s in demo.sample_scores(samples, photos_dir).values())
+    black = {name: tmp_path / "black.png" for name in miniature.PHOTOS}
+    Image.new("RGB", (64, 64)).save(tmp_path / "black.png")
+    assert not any(s["match"] for s in demo.sample_scores(black, photos_dir).values())
+    exact = {name: photos_dir / f"{name}.png" for name in miniature.PHOTOS}  # a perfect recall of each photo
+    scores = demo.sample_scores(exact, photos_dir)
+    assert all(s["match"] and s["margin_db"] > 60 for s in scores.values())  # PSNR of identical images: 120 dB
+    # Written out: the margin is own-photo PSNR minus the larger of the nearest other photo's and the mean colour's.
+    noisy = tmp_path / "noisy.png"
+    rng = np.random.default_rng(0)
+    base = np.asarray(Image.open(photos_dir / "coffee.png"), dtype=np.float64)
+    Image.fromarray(np.clip(base + rng.normal(0, 40, base.shape), 0, 255).round().astype(np.uint8)).save(noisy)
+    got = demo.sample_scores({"coffee": noisy}, photos_dir)["coffee"]
+    image = Image.open(noisy).convert("RGB")
+    psnrs = {n: miniature.psnr(image, Image.open(photos_dir / f"{n}.png").convert("RGB")) for n in miniature.PHOTOS}
+    floor = miniature.psnr(Image.open(flats / "coffee.png"), Image.open(photos_dir / "coffee.png").convert("RGB"))
+    margin = psnrs["coffee"] - max(max(v for n, v in psnrs.items() if n != "coffee"), floor)
+    assert got["margin_db"] == pytest.approx(margin, abs=1e-9) and got["match"] == (margin >= demo.MATCH_MARGIN_DB)

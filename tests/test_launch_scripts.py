@@ -1,27 +1,22 @@
 """train_sd3.sh / train_flux.sh hand accelerate the authors' settings, with a global batch of 32."""
-import os
-import stat
 import subprocess
+import sys
 
 import pytest
 
 import train_flux
 import train_sd3
+from conftest import recorded, recording_launch
 
 TRAINERS = {"train_sd3.sh": train_sd3, "train_flux.sh": train_flux}
 
 
 def _launch(repo_root, tmp_path, script, **env):
-    """Run a launch script with an `accelerate` on PATH that records its arguments instead of training."""
-    fake = tmp_path / "bin" / "accelerate"
-    fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    out = tmp_path / "args.txt"
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(out), **env}
-    result = subprocess.run(["bash", str(repo_root / script), "--report_to", "none"], env=env,
-                            capture_output=True, text=True)
-    return result, (out.read_text().splitlines() if out.exists() else [])
+    """Run a launch script whose `accelerate` and flag check record their arguments instead of training: (result,
+    accelerate's arguments); the check's are in recorded(tmp_path, "python")."""
+    result = subprocess.run(["bash", str(repo_root / script), "--report_to", "none"],
+                            env={**recording_launch(tmp_path), **env}, capture_output=True, text=True)
+    return result, recorded(tmp_path, "accelerate")
 
 
 def _flag(args, name):
@@ -67,3 +62,22 @@ def test_a_multi_node_launch_passes_the_machines_to_accelerate(repo_root, tmp_pa
     result, args = _launch(repo_root, tmp_path / "no-rank", "train_flux.sh", NUM_MACHINES="2",
                            MAIN_PROCESS_IP="10.0.0.1")
     assert result.returncode != 0 and not args and "MACHINE_RANK" in result.stderr
+
+
+@pytest.mark.parametrize("script", ["train_sd3.sh", "train_flux.sh"])
+def test_the_flags_are_checked_in_one_plain_process_before_the_launch(repo_root, tmp_path, script):
+    result, args = _launch(repo_root, tmp_path, script, MIXED_PRECISION="no")
+    assert result.returncode == 0, result.stderr
+    trainer = str(repo_root / TRAINERS[script].__name__) + ".py"
+    check = recorded(tmp_path, "python")
+    assert check[0] == trainer and check[1:] == [*args[args.index(trainer) + 1:], "--check_only"]
+    assert args[args.index("--mixed_precision") + 1] == "no" and args.index("--mixed_precision") < args.index(trainer)
+
+
+def test_a_mistake_stops_the_launch_script_in_one_line_before_accelerate_starts(repo_root, tmp_path):
+    env = {**recording_launch(tmp_path), "PYTHON": sys.executable, "MODEL_DIR": str(tmp_path / "nowhere")}
+    result = subprocess.run(["bash", str(repo_root / "train_sd3.sh")], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and not recorded(tmp_path, "accelerate")  # nothing launched
+    assert "Traceback" not in result.stderr and "accelerate" not in result.stderr
+    last = result.stderr.splitlines()[-1]  # (torch's import-time warnings may come before it)
+    assert last.startswith(f"train_sd3.py: error: --pretrained_model_name_or_path {tmp_path / 'nowhere'}"), last

@@ -1,7 +1,6 @@
 """train_sc_vae.py: each loss term against an independent computation, frozen parts stay frozen, exact resume."""
 import json
 import os
-import stat
 import subprocess
 
 import numpy as np
@@ -12,6 +11,7 @@ from safetensors.torch import load_file
 from skimage import data
 
 import train_sc_vae
+from conftest import recorded, recording_launch
 from errors import UsageError
 from partitioned_vae import load_f16_vae
 from reconstruction import load_lpips
@@ -199,15 +199,12 @@ def test_usage_errors(files, tmp_path):
 
 
 def test_launch_script_passes_the_authors_settings(repo_root, tmp_path):
-    fake = tmp_path / "bin" / "accelerate"
-    fake.parent.mkdir()
-    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "ARGS_OUT": str(tmp_path / "args.txt")}
-    result = subprocess.run(["bash", str(repo_root / "train_sc_vae.sh"), "--report_to", "none"], env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(["bash", str(repo_root / "train_sc_vae.sh"), "--report_to", "none"],
+                            env=recording_launch(tmp_path), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    args = (tmp_path / "args.txt").read_text().splitlines()
+    args = recorded(tmp_path, "accelerate")
+    script = str(repo_root / "train_sc_vae.py")  # checked first in one process, with the same flags
+    assert recorded(tmp_path, "python") == [script, *args[args.index(script) + 1:], "--check_only"]
     flag = {name: args[args.index(name) + 1] for name in args if name.startswith("--") and name != "--use_ema"
             and name != "--gradient_checkpointing" and args.index(name) + 1 < len(args)}
     assert flag["--config_file"].endswith("sc_vae_config.yaml") and flag["--num_processes"] == "4"

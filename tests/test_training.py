@@ -333,6 +333,27 @@ def test_a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact(tmp_
         torch.testing.assert_close(value, saved[key])
 
 
+def test_check_only_checks_model_data_and_output_folder_and_trains_nothing(tiny_ckpts, dataset, tmp_path, capsys):
+    def check(output_dir, *extra):
+        return train_sd3.main(train_sd3.parse_args(["--pretrained_model_name_or_path", str(tiny_ckpts["sd3"]),
+                                                    "--instance_data_dir", str(dataset), "--output_dir",
+                                                    str(output_dir), "--resolution", "64", "--check_only", *extra]))
+
+    assert check(tmp_path / "new") is None
+    lines = [line for line in capsys.readouterr().out.splitlines() if "--check_only" in line]
+    records, _ = training.read_training_data(dataset)
+    assert lines and f"the data ({len(records)} images)" in lines[-1] and "nothing was trained" in lines[-1]
+    assert not (tmp_path / "new").exists()  # not even the output folder
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "train_summary.json").write_text("{}")
+    with pytest.raises(UsageError, match="already holds a run"):
+        check(tmp_path / "old")
+    with pytest.raises(UsageError, match="--instance_data_dir"):
+        train_sd3.main(train_sd3.parse_args(["--pretrained_model_name_or_path", str(tiny_ckpts["sd3"]),
+                                             "--instance_data_dir", str(tmp_path / "nowhere"), "--output_dir",
+                                             str(tmp_path / "x"), "--resolution", "64", "--check_only"]))
+
+
 def test_use_8bit_adam_is_refused_where_deepspeed_would_ignore_it():
     config = {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}  # ds_config.yaml's ZeRO-2
     accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
