@@ -38,7 +38,7 @@ LABELS = {"pretrained": "SD3 before fine-tuning", "wlf": "SD3 after WLF", "mse":
 MATCH_MARGIN_DB = 1.0
 MATCH_RULE = (f"PSNR to its own photo at least {MATCH_MARGIN_DB:g} dB above its PSNR to every other photo and above "
               f"the PSNR of the photo's mean colour as a flat image")
-FIRST_RUN = "about 7 min on 2 CPU cores, 1.5 of them compiling DeepSpeed's cpu_adam once"  # BENCHMARKS.md, "The demo"
+FIRST_RUN = "about 6 min on 2 CPU cores, 1 of them compiling DeepSpeed's cpu_adam once"  # BENCHMARKS.md, "The demo"
 
 
 def log(msg):
