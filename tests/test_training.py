@@ -337,7 +337,9 @@ def test_check_only_checks_model_data_and_output_folder_and_trains_nothing(tiny_
     def check(output_dir, *extra):
         return train_sd3.main(train_sd3.parse_args(["--pretrained_model_name_or_path", str(tiny_ckpts["sd3"]),
                                                     "--instance_data_dir", str(dataset), "--output_dir",
-                                                    str(output_dir), "--resolution", "64", "--check_only", *extra]))
+                                                    str(output_dir), "--resolution", "64", "--max_train_steps", "1",
+                                                    "--mixed_precision", "no", "--report_to", "none", "--check_only",
+                                                    *extra]))  # a run that ignored --check_only would end quickly
 
     assert check(tmp_path / "new") is None
     lines = [line for line in capsys.readouterr().out.splitlines() if "--check_only" in line]
