@@ -456,12 +456,12 @@ def run(args, data_dir, dataset, work, out):
               f"{len(report['duplicates'])} duplicate groups: {out}")
     elif args.command == "filter":
         report = write_filter_outputs(out, items, problems, results, args)
-        print(f"{report['n_passed']} of {report['n_scored']} scored images pass ({report['n_duplicates']} duplicates "
-              f"dropped, {len(report['problems'])} problems): {out / 'metadata.jsonl'}")
+        print(f"{report['n_passed']} of {report['n_scored']} scored images pass (exact duplicates dropped: "
+              f"{report['n_duplicates']}; problems: {len(report['problems'])}): {out / 'metadata.jsonl'}")
     else:
         report = write_eval_set(out, items, problems, results, args)
-        print(f"{report['n_selected']} images with a short side above {args.size} ({report['n_flat']} flat and "
-              f"{report['n_duplicates']} duplicates left out): {out / 'metadata.jsonl'}")
+        print(f"{report['n_selected']} images with a short side above {args.size} (left out: flat {report['n_flat']}, "
+              f"exact duplicates {report['n_duplicates']}): {out / 'metadata.jsonl'}")
     return report
 
 
