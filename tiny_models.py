@@ -186,7 +186,7 @@ def random_real_width_value(name, shape, generator):
 
 def build_real_width_transformer(kind, blocks=1, seed=0):
     """The SD3-medium or FLUX.1-dev transformer at its real widths and `blocks` blocks of each kind, random weights
-    (Flux: 0.54 B parameters at blocks=1), in the released checkpoint's dtype. Built parameter by parameter from
+    (Flux: 0.55 B parameters at blocks=1), in the released checkpoint's dtype. Built parameter by parameter from
     the meta device, so that no second copy exists."""
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device
@@ -346,7 +346,7 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="seed of every random weight")
     parser.add_argument("--real_width", action="store_true",
                         help="also write OUT/real-width-sd3/ and OUT/real-width-flux/: SD3-medium's and FLUX.1-dev's "
-                             "transformers at their real widths with one block of each kind (0.25 B and 0.54 B "
+                             "transformers at their real widths with one block of each kind (0.22 B and 0.55 B "
                              "parameters, sharded)")
     parser.add_argument("--metrics", action="store_true",
                         help="also write OUT/tiny-metrics/: random stand-ins of the FID, CLIPScore, Aesthetics models")

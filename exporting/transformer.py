@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from errors import UsageError
-from exporting.adapters import Adapter, check_fits, read_adapter
+from exporting.adapters import Adapter, base_of_adapter, check_fits, read_adapter
 from exporting.layouts import gguf_architecture, original_layout
 from exporting.tensor_files import SafetensorsFolder, TensorSpec, write_gguf, write_safetensors
 from generation import missing_component_file, pipeline_folders
@@ -42,8 +42,8 @@ def model_kind(transformer_folder):
 
 def find_source(checkpoint_path, lora_path=None, lora_scale=1.0):
     """The Source of --checkpoint_path: a pipeline folder (its transformer/), a trainer's checkpoint-N (its
-    transformer/, or its adapter fused into the base pipeline it records), or a transformer folder itself; with
-    --lora_path, that adapter fused in at --lora_scale."""
+    transformer/), a LoRA run's output or checkpoint-N folder (its adapter fused into the base pipeline the run
+    records), or a transformer folder itself; with --lora_path, that adapter fused in at --lora_scale."""
     root = Path(checkpoint_path)
     if not root.is_dir():
         raise UsageError(f"--checkpoint_path {root} does not exist: give a pipeline folder, a trainer's "
@@ -53,11 +53,12 @@ def find_source(checkpoint_path, lora_path=None, lora_scale=1.0):
     else:
         base, folder = pipeline_folders(root)
         folder = folder or base / "transformer"
-        if not folder.is_dir() and (root / WEIGHT_NAME).is_file():  # a LoRA run's checkpoint-N: base + its adapter
-            if lora_path is not None:
-                raise UsageError(f"--checkpoint_path {root} is a LoRA checkpoint (base + adapter) and --lora_path "
-                                 f"adds another adapter: give the base pipeline as --checkpoint_path instead.")
-            folder, lora_path = base / "transformer", root
+        if not folder.is_dir() and (root / WEIGHT_NAME).is_file():  # a LoRA run's output or checkpoint-N
+            recorded = base_of_adapter(root)
+            if lora_path is not None or recorded is None:
+                raise UsageError(f"--checkpoint_path {root} holds a LoRA adapter, not a transformer: give the base "
+                                 f"pipeline as --checkpoint_path and the adapter as --lora_path.")
+            folder, lora_path = Path(recorded) / "transformer", root
     missing = missing_component_file(folder)
     if missing:
         raise UsageError(f"--checkpoint_path {root}: the transformer is incomplete or absent (missing {missing}).")
@@ -111,12 +112,21 @@ class TransformerTensors:
             first = tensor.parts[0]
             shape = (sum(self.shapes[p][0] for p in tensor.parts), *self.shapes[first][1:])
             dtype = self.out_dtype(first) if cast else self.reader.dtypes[first]
-            specs.append(TensorSpec(tensor.name, dtype, shape, lambda t=tensor, cast=cast: self.stacked(t, cast)))
+            specs.append(TensorSpec(tensor.name, dtype, shape,
+                                    lambda t=tensor, s=shape, d=dtype, cast=cast: self.stacked(t, s, d, cast)))
         return specs
 
-    def stacked(self, tensor, cast):
-        """One original tensor: its diffusers parts stacked by rows, halves swapped where the layout says so."""
-        out = torch.cat([self.read(p, cast) for p in tensor.parts])
+    def stacked(self, tensor, shape, dtype, cast):
+        """One original tensor: its diffusers parts stacked by rows (read one at a time into the result), halves
+        swapped where the layout says so."""
+        if len(tensor.parts) == 1:
+            out = self.read(tensor.parts[0], cast)
+        else:
+            out, row = torch.empty(shape, dtype=dtype), 0
+            for part in tensor.parts:
+                value = self.read(part, cast)
+                out[row:row + len(value)] = value
+                row += len(value)
         return torch.cat(out.chunk(2)[::-1]) if tensor.swap_halves else out
 
 

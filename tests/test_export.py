@@ -12,6 +12,7 @@ from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, SD3Transfo
 from safetensors.torch import load_file
 
 import export
+import lora
 from adapter_helpers import diffusers_fused, random_adapter
 from comfyui_keys import comfy_map, diffusers_tensor_of
 from errors import UsageError
@@ -218,6 +219,12 @@ def test_checkpoint_n_folders_and_fused_adapters_export_the_weights_diffusers_wo
     loaded = load(tmp_path / "lora.safetensors")
     for key in fused:
         torch.testing.assert_close(loaded[key], fused[key], rtol=0, atol=1e-6)
+    # The LoRA run's output folder: the base named in its train_summary.json.
+    output = tmp_path / "lora-run"
+    (output / lora.WEIGHT_NAME).write_bytes(adapter.read_bytes())
+    (output / "train_summary.json").write_text(json.dumps({"settings": {"pretrained_model_name_or_path": str(base)}}))
+    run_export("--checkpoint_path", output, "--format", "original", "--out", tmp_path / "output.safetensors")
+    assert_same_tensors(load(tmp_path / "output.safetensors"), loaded)
     assert not torch.equal(loaded["transformer_blocks.0.attn.to_q.weight"],
                            SD3Transformer2DModel.from_pretrained(base, subfolder="transformer").state_dict()[
                                "transformer_blocks.0.attn.to_q.weight"])
