@@ -24,6 +24,14 @@ import re
 import torch
 
 ENDS = ("weight", "bias")
+QKV = ("to_q", "to_k", "to_v")
+ADDED_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def stacked(out, src, names, original, hidden, end):
+    """The (0, j * hidden, hidden) row slices: diffusers layer src + names[j] in rows j * hidden of `original`."""
+    for j, name in enumerate(names):
+        out[f"{src}{name}.{end}"] = (f"{original}.{end}", j * hidden, hidden, False)
 
 
 def sd3_map(blocks, hidden):
@@ -39,11 +47,9 @@ def sd3_map(blocks, hidden):
     for i in range(blocks):
         src, dst = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
         for end in ENDS:
-            for j, q in enumerate(("to_q", "to_k", "to_v")):
-                out[f"{src}attn.{q}.{end}"] = (f"{dst}x_block.attn.qkv.{end}", j * hidden, hidden, False)
-                out[f"{src}attn2.{q}.{end}"] = (f"{dst}x_block.attn2.qkv.{end}", j * hidden, hidden, False)
-            for j, q in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
-                out[f"{src}attn.{q}.{end}"] = (f"{dst}context_block.attn.qkv.{end}", j * hidden, hidden, False)
+            stacked(out, src + "attn.", QKV, f"{dst}x_block.attn.qkv", hidden, end)
+            stacked(out, src + "attn2.", QKV, f"{dst}x_block.attn2.qkv", hidden, end)
+            stacked(out, src + "attn.", ADDED_QKV, f"{dst}context_block.attn.qkv", hidden, end)
             for original, diffusers in block_map:
                 out[f"{src}{diffusers}.{end}"] = (f"{dst}{original}.{end}", 0, None, False)
         for q, original in (("norm_q", "x_block.attn.ln_q"), ("norm_k", "x_block.attn.ln_k"),
@@ -76,17 +82,14 @@ def flux_map(double_blocks, single_blocks, hidden):
     for i in range(double_blocks):
         src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for end in ENDS:
-            for j, q in enumerate(("to_q", "to_k", "to_v")):
-                out[f"{src}attn.{q}.{end}"] = (f"{dst}img_attn.qkv.{end}", j * hidden, hidden, False)
-            for j, q in enumerate(("add_q_proj", "add_k_proj", "add_v_proj")):
-                out[f"{src}attn.{q}.{end}"] = (f"{dst}txt_attn.qkv.{end}", j * hidden, hidden, False)
+            stacked(out, src + "attn.", QKV, f"{dst}img_attn.qkv", hidden, end)
+            stacked(out, src + "attn.", ADDED_QKV, f"{dst}txt_attn.qkv", hidden, end)
             out.update({f"{src}{d}.{end}": (f"{dst}{o}.{end}", 0, None, False) for d, o in block_map.items()})
         out.update({f"{src}{d}": (f"{dst}{o}", 0, None, False) for d, o in norms.items()})
     for i in range(single_blocks):
         src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for end in ENDS:
-            for j, q in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
-                out[f"{src}{q}.{end}"] = (f"{dst}linear1.{end}", j * hidden, hidden, False)
+            stacked(out, src + "attn.", QKV, f"{dst}linear1", hidden, end)
             out[f"{src}proj_mlp.{end}"] = (f"{dst}linear1.{end}", 3 * hidden, 4 * hidden, False)
             out[f"{src}norm.linear.{end}"] = (f"{dst}modulation.lin.{end}", 0, None, False)
             out[f"{src}proj_out.{end}"] = (f"{dst}linear2.{end}", 0, None, False)

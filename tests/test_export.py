@@ -36,7 +36,8 @@ def assert_comfyui_layout(kind, exported, reference):
     mapping = comfy_map(kind, reference)
     assert set(exported) == {mapping[k][0] for k in reference}
     for key, value in reference.items():
-        assert torch.equal(diffusers_tensor_of(exported[mapping[key][0]], mapping[key]), value), key
+        stored = diffusers_tensor_of(exported[mapping[key][0]], mapping[key])
+        assert stored.dtype == value.dtype and torch.equal(stored, value), key
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,18 @@ def test_sd3_gguf_loads_through_diffusers_gguf_support_with_its_outputs(tiny_ckp
     else:
         assert 0 < error < GGUF_Q8_BOUND
         assert any(type(m).__name__ == "GGUFLinear" for m in model.modules())
+
+
+def test_gguf_quant_defaults_to_the_checkpoints_own_precision(tiny_ckpts, tmp_path):
+    """Left out, --quant is BF16 for a bf16 checkpoint and F16 otherwise (city96's converter's choice)."""
+    bf16 = tmp_path / "bf16"
+    FluxTransformer2DModel.from_pretrained(tiny_ckpts["flux"], subfolder="transformer").to(torch.bfloat16).save_pretrained(
+        bf16 / "transformer")
+    for folder, expected in ((tiny_ckpts["flux"], "F16"), (bf16, "BF16")):
+        out = tmp_path / f"{expected}.gguf"
+        run_export("--checkpoint_path", folder, "--format", "gguf", "--out", out)
+        types, _ = gguf_types(out)
+        assert types["double_blocks.0.img_mlp.0.weight"] == expected and set(types.values()) <= {expected, "F32"}
 
 
 def test_flux_gguf_of_the_real_width_model_loads_through_diffusers_with_its_outputs(real_width_flux, tmp_path):
