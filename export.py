@@ -68,7 +68,8 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],  # the list reads badly when re-flowed
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint_path", default=None,
                         help="what the trainers write: a pipeline folder, a checkpoint-N folder (a LoRA one is "
                              "fused into its base), or a transformer / VAE folder; for --format lora: the base "
