@@ -52,7 +52,7 @@ def read_adapter(lora_path):
     lora.read_adapter_shapes(path)  # a readable safetensors file, or one line saying it is not
     tensors = load_file(str(path))
     config = lora.read_adapter_config(path)
-    if config.get("use_dora") or any(key.endswith("lora_magnitude_vector") for key in tensors):
+    if config.get("use_dora") or any("lora_magnitude_vector" in key for key in tensors):
         raise UsageError(f"--lora_path {path} is a DoRA adapter: export.py converts plain LoRA only (ComfyUI's DoRA "
                          f"uses its own dora_scale convention); fuse it with diffusers' fuse_lora and export the "
                          f"fused model folder instead.")
