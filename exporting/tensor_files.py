@@ -46,7 +46,8 @@ class TensorSpec:
 #################################################################################
 
 def read_safetensors_header(path):
-    """(header without "__metadata__", metadata dict) of a safetensors file, reading only its header."""
+    """(header without "__metadata__", metadata dict, where the data starts) of a safetensors file, reading only its
+    header."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -55,7 +56,7 @@ def read_safetensors_header(path):
     except (OSError, struct.error, ValueError) as error:
         raise UsageError(f"{path} is not a readable safetensors file ({error}).") from None
     metadata = header.pop("__metadata__", None) or {}
-    return header, metadata
+    return header, metadata, 8 + length
 
 
 class SafetensorsFolder:
@@ -75,8 +76,7 @@ class SafetensorsFolder:
         self.entries = {}  # name -> (file, data start, header entry)
         for name in files:
             path = folder / name
-            header, _ = read_safetensors_header(path)
-            start = 8 + struct.unpack("<Q", path.open("rb").read(8))[0]
+            header, _, start = read_safetensors_header(path)
             self.entries.update({key: (path, start, entry) for key, entry in header.items()})
         self.shapes = {key: tuple(e["shape"]) for key, (_, _, e) in self.entries.items()}
         self.dtypes = {key: SAFETENSORS_DTYPES[e["dtype"]] for key, (_, _, e) in self.entries.items()}

@@ -11,11 +11,11 @@ from errors import UsageError
 from exporting.adapters import Adapter, base_of_adapter, check_fits, read_adapter
 from exporting.layouts import gguf_architecture, original_layout
 from exporting.tensor_files import SafetensorsFolder, TensorSpec, write_gguf, write_safetensors
-from generation import missing_component_file, pipeline_folders
+from generation import DTYPES as GENERATION_DTYPES, missing_component_file, pipeline_folders
 from lora import WEIGHT_NAME
 from models import MODELS
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8_e4m3fn": torch.float8_e4m3fn}
+DTYPES = {**GENERATION_DTYPES, "fp8_e4m3fn": torch.float8_e4m3fn}  # the generation scripts' --dtype, and fp8
 GGUF_TYPES = ("F16", "BF16", "Q8_0")
 GGUF_KEEP_F32 = 1024  # city96's ComfyUI-GGUF keeps 1-D tensors and tensors of at most this many elements in F32
 GGUF_MAX_NAME = 127  # the longest tensor name its loader takes
