@@ -184,6 +184,19 @@ def check_3x3_same(conv, name):
                          f"AutoencoderKL; got {conv}.")
 
 
+def convert_to_f16(encoder, decoder, mode="partitioned", grid=2):
+    """The F=16 construction on a VAE's encoder and decoder, whichever library built them (diffusers' AutoencoderKL,
+    the LDM one ComfyUI loads: both name the layers `encoder.conv_in` and `decoder.conv_out`): conv_in with stride 2,
+    conv_out a PartitionedConv in `mode` on the same weights. On a converted pair only the mode changes."""
+    if isinstance(decoder.conv_out, PartitionedConv):
+        decoder.conv_out.set_mode(mode, grid)
+        return
+    check_3x3_same(encoder.conv_in, "encoder.conv_in")
+    check_3x3_same(decoder.conv_out, "decoder.conv_out")
+    decoder.conv_out = PartitionedConv(decoder.conv_out, mode, grid)
+    encoder.conv_in.stride = (2, 2)  # the authors' code; the paper's text says "dilation rate of 2"
+
+
 def make_f16_vae(vae, mode="partitioned", grid=2):
     """Turn a pretrained F=8 AutoencoderKL into the F=16 one in place (no weight changes) and return it.
 
@@ -193,13 +206,7 @@ def make_f16_vae(vae, mode="partitioned", grid=2):
     """
     if not isinstance(vae, AutoencoderKL):
         raise TypeError(f"make_f16_vae expects a diffusers AutoencoderKL, got {type(vae).__name__}.")
-    if is_f16_vae(vae):
-        vae.decoder.conv_out.set_mode(mode, grid)
-    else:
-        check_3x3_same(vae.encoder.conv_in, "encoder.conv_in")
-        check_3x3_same(vae.decoder.conv_out, "decoder.conv_out")
-        vae.decoder.conv_out = PartitionedConv(vae.decoder.conv_out, mode, grid)
-        vae.encoder.conv_in.stride = (2, 2)  # the authors' code; the paper's text says "dilation rate of 2"
+    convert_to_f16(vae.encoder, vae.decoder, mode, grid)
     # diffusers' tiled encode/decode pairs image tiles of `tile_sample_min_size` with latent tiles of this size.
     tile = vae.tile_sample_min_size
     vae.tile_latent_min_size = int((tile[0] if isinstance(tile, (list, tuple)) else tile) / vae_factor(vae))

@@ -156,6 +156,72 @@ def save_tiny_pipelines(out_dir, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Real-width shallow transformers: the widths, head sizes and RoPE axes of SD3-medium and FLUX.1-dev with one block
+# of each kind, for what tiny widths cannot reach (diffusers' Flux single-file converter hardcodes the 3072 width,
+# ComfyUI's model detection Flux's head size and RoPE axes) and for measuring exports
+# ---------------------------------------------------------------------------------------------------------
+
+REAL_WIDTH_CONFIGS = {  # the released transformers' config.json, but the depth
+    "sd3": dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, pos_embed_max_size=192),
+    "flux": dict(patch_size=1, in_channels=64, attention_head_dim=128, num_attention_heads=24,
+                 joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+}
+REAL_WIDTH_DTYPES = {"sd3": torch.float16, "flux": torch.bfloat16}  # the released checkpoints' dtypes
+REAL_WIDTH_SHARD = "200MB"  # several shards, as save_pretrained writes a 12 B model (at its 10 GB default)
+
+
+def real_width_depth(kind, blocks):
+    """SD3: `blocks` joint blocks plus its last, context-only one; Flux: `blocks` double- and single-stream blocks."""
+    return {"num_layers": blocks + 1} if kind == "sd3" else {"num_layers": blocks, "num_single_layers": blocks}
+
+
+def random_real_width_value(name, shape, generator):
+    """A random value for a parameter: weights ~ N(0, 1/fan_in) (activations stay O(1)); norm scales 1 + N(0, 0.1^2),
+    so that a q/k norm mix-up changes the output; biases N(0, 0.02^2)."""
+    if len(shape) > 1:
+        fan_in = 1
+        for n in shape[1:]:
+            fan_in *= n
+        return torch.randn(shape, generator=generator) / fan_in ** 0.5
+    if "norm" in name and name.endswith(".weight"):
+        return 1 + 0.1 * torch.randn(shape, generator=generator)
+    return 0.02 * torch.randn(shape, generator=generator)
+
+
+def build_real_width_transformer(kind, blocks=1, seed=0):
+    """The SD3-medium or FLUX.1-dev transformer at its real widths and `blocks` blocks of each kind, random weights
+    (Flux: 0.55 B parameters at blocks=1), in the released checkpoint's dtype. Built parameter by parameter from
+    the meta device, so that no second copy exists."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    cls = FluxTransformer2DModel if kind == "flux" else SD3Transformer2DModel
+    with init_empty_weights():  # parameters on the meta device; buffers (SD3's positional table) built as usual
+        model = cls(**REAL_WIDTH_CONFIGS[kind], **real_width_depth(kind, blocks))
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters()):
+        value = random_real_width_value(name, tuple(param.shape), generator)
+        set_module_tensor_to_device(model, name, "cpu", value=value.to(REAL_WIDTH_DTYPES[kind]))
+    return model.to(REAL_WIDTH_DTYPES[kind]).eval()
+
+
+def save_real_width_transformers(out_dir, seed=0, blocks=1, kinds=("sd3", "flux")):
+    """Write OUT/real-width-<kind>/transformer/ (sharded, as the trainers' save_pretrained writes); returns
+    {kind: the folder holding transformer/}."""
+    paths = {}
+    for kind in kinds:
+        path = Path(out_dir) / f"real-width-{kind}"
+        build_real_width_transformer(kind, blocks, seed).save_pretrained(path / "transformer", safe_serialization=True,
+                                                                         max_shard_size=REAL_WIDTH_SHARD)
+        (path / "TINY_RANDOM_WEIGHTS.json").write_text(json.dumps({"kind": kind, "seed": seed, "blocks": blocks,
+                                                                   "real_width": True}) + "\n")
+        paths[kind] = path
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Metric-model stand-ins (random weights, the file formats a user downloads) for generate_and_eval_fid.py
 # ---------------------------------------------------------------------------------------------------------
 
@@ -273,6 +339,10 @@ def main(args):
     for kind, path in paths.items():
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"{kind}: {path} ({size / 2**20:.1f} MB)")
+    if args.real_width:
+        for kind, path in save_real_width_transformers(args.out, args.seed).items():
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            print(f"{kind} at real width: {path} ({size / 2**20:.0f} MB)")
     if args.metrics:
         for flag, path in save_tiny_metric_models(Path(args.out) / "tiny-metrics", args.seed).items():
             print(f"--{flag} {path}")
@@ -281,7 +351,11 @@ def main(args):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--out", required=True, help="folder that receives tiny-sd3/ and tiny-flux/")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random weight")
+    parser.add_argument("--real_width", action="store_true",
+                        help="also write OUT/real-width-sd3/ and OUT/real-width-flux/: SD3-medium's and FLUX.1-dev's "
+                             "transformers at their real widths with one block of each kind (0.22 B and 0.55 B "
+                             "parameters, sharded)")
     parser.add_argument("--metrics", action="store_true",
                         help="also write OUT/tiny-metrics/: random stand-ins of the FID, CLIPScore, Aesthetics models")
     return parser.parse_args(argv)

@@ -132,6 +132,15 @@ def tiny_ckpts(tmp_path_factory):
     return save_tiny_pipelines(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.fixture(scope="session")
+def real_width_flux(tmp_path_factory):
+    """A folder holding transformer/: FLUX.1-dev's transformer at its real widths, one block of each kind, random
+    weights, bf16, sharded as save_pretrained writes it (tiny_models.save_real_width_transformers)."""
+    from tiny_models import save_real_width_transformers
+
+    return save_real_width_transformers(tmp_path_factory.mktemp("real-width"), kinds=("flux",))["flux"]
+
+
 QUICK_MINIATURE = {"size": 128, "vae_steps": 570, "transformer_steps": 450, "seed": 0}  # the demo's VAE, a shorter DiT
 
 

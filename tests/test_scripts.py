@@ -14,6 +14,7 @@ import pytest
 
 import accelerated
 import eval_vae
+import export
 import generate_and_eval_fid
 import test_flux
 import test_sd3
@@ -73,7 +74,9 @@ F16 = {"full", "partitioned", "subpixel", "authors"}
      lambda mode: True, GENERATED | {"f8_half"}),
     (lambda m: train_sc_vae.parse_args(["--pretrained_model_name_or_path", "p", "--train_data_dir", "d",
                                         "--vae_mode", m]), lambda mode: mode.f16, F16),
-], ids=["test_sd3", "test_flux", "generate_and_eval_fid", "eval_vae", "train_sc_vae"])
+    (lambda m: export.parse_args(["--format", "vae", "--out", "o.safetensors", "--vae_mode", m]),
+     lambda mode: mode.f16, F16),
+], ids=["test_sd3", "test_flux", "generate_and_eval_fid", "eval_vae", "train_sc_vae", "export"])
 def test_each_vae_mode_flag_takes_its_part_of_the_one_table(script, takes, modes, capsys):
     assert {name for name, mode in VAE_MODES.items() if takes(mode)} == modes  # the table says which script takes it
     assert {name for name in [*VAE_MODES, "f16"] if accepts(script, name)} == modes

@@ -71,3 +71,21 @@ def test_pipelines_run_a_prompt_longer_than_the_tokenizers(tiny_ckpts, kind):
     pipe = PIPELINES[kind].from_pretrained(tiny_ckpts[kind])
     image = _generate(pipe, 0, prompt=" ".join(["a detailed red castle under clouds"] * 120), steps=1)
     assert np.isfinite(image).all()
+
+
+def test_the_real_width_flux_has_flux_dev_widths_random_norm_scales_and_shards(real_width_flux):
+    from exporting.tensor_files import SafetensorsFolder
+
+    config = json.loads((real_width_flux / "transformer" / "config.json").read_text())
+    assert {k: config[k] for k in ("attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                                   "pooled_projection_dim", "in_channels", "guidance_embeds")} == {
+        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768, "in_channels": 64, "guidance_embeds": True}  # FLUX.1-dev's config.json
+    assert tuple(config["axes_dims_rope"]) == (16, 56, 56) and (config["num_layers"], config["num_single_layers"]) == (1, 1)
+    index = json.loads((real_width_flux / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded, as save_pretrained writes a large model
+    tensors = SafetensorsFolder(real_width_flux / "transformer")
+    assert set(tensors.dtypes.values()) == {torch.bfloat16}
+    assert 0.5e9 < sum(np.prod(shape) for shape in tensors.shapes.values()) < 0.6e9
+    scale = tensors.read("transformer_blocks.0.attn.norm_q.weight").float()
+    assert scale.std() > 0.05 and not torch.equal(scale, tensors.read("transformer_blocks.0.attn.norm_k.weight").float())
