@@ -121,6 +121,7 @@ def time_fid_bootstrap(n, d, resamples):
 
 
 def main(args):
+    bootstrap.check_bootstrap(args.bootstrap)
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
