@@ -117,6 +117,20 @@ def sorted_features(path, images):
     return out
 
 
+def model_values(folder, images, per_image_rows):
+    """{image: its CLIPScore, Aesthetics and prompt from per_image.csv}; UsageError when the CSV has a metric for some
+    of the folder's images and not for others (compare cannot measure them: they need the metric models)."""
+    rows = {name: {k: v for k, v in per_image_rows.get(name, {}).items() if k in MODEL_METRICS or k == "prompt"}
+            for name in images}
+    for metric in MODEL_METRICS:
+        lacking = [name for name in images if metric not in rows[name]]
+        if 0 < len(lacking) < len(images):
+            raise UsageError(f"{folder / 'per_image.csv'} has no {metric} for {len(lacking)} of the folder's images "
+                             f"(e.g. {lacking[0]}), which compare cannot measure: rerun generate_and_eval_fid.py "
+                             f"--skip_generation --save_path {folder}, or move those images out.")
+    return rows
+
+
 def load_run(folder, label):
     """What compare needs of one folder, read without measuring anything: its images, their per-image values, where
     those come from and the settings that measured them, the images to measure here, its sorted features."""
@@ -129,17 +143,7 @@ def load_run(folder, label):
         images = {n: p for n, p in images.items() if not (p.suffix == ".jpg" and p.with_suffix(".png").name in images)}
     if not images:
         raise UsageError(f"--folders {str(folder)!r} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    rows = {name: {} for name in images}
-    model = {m for row in (per_image or ({},))[0].values() for m in MODEL_METRICS if m in row}
-    for metric in sorted(model):
-        lacking = [name for name in images if metric not in per_image[0].get(name, {})]
-        if lacking:
-            raise UsageError(f"{folder / 'per_image.csv'} has no {metric} for {len(lacking)} of the folder's images "
-                             f"(e.g. {lacking[0]}), which compare cannot measure: rerun generate_and_eval_fid.py "
-                             f"--skip_generation --save_path {folder}, or move those images out.")
-    for name in images:
-        rows[name].update({k: v for k, v in (per_image or ({},))[0].get(name, {}).items()
-                           if k in MODEL_METRICS or k == "prompt"})
+    rows = model_values(folder, images, per_image[0] if per_image else {})
     detail = (per_image if per_image and any("glcm_score" in r for r in per_image[0].values())
               else read_eval_csv(folder))
     source = str(folder / "per_image.csv") if detail is per_image else f"{os.path.normpath(folder)}_eval.csv"
