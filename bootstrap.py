@@ -298,18 +298,16 @@ class KidBootstrap:
         return float(self.within(self.k_rr, w_r) + self.within(self.k_gg, w_g) - 2 * self.cross(w_r, w_g))
 
 
-def fid_inf(fid, resampler, units, fractions, rng):
+def fid_inf(fid, resampler, units, fractions, rng, full):
     """Chong & Forsyth's FID∞ (CVPR 2020) of the images in `units`: for each fraction f, the FID of N = round(f · G)
-    of each space's images drawn without replacement (f = 1: all of them), fitted linearly in G / N (G, N: the first
-    space's) and read at G / N = 0."""
+    of each space's images drawn without replacement (f = 1: all of them, whose FID is `full`), fitted linearly in
+    G / N (G, N: the first space's) and read at G / N = 0."""
     if len(set(fractions)) < 2 or not all(0 < f <= 1 for f in fractions):
         raise ValueError(f"FID∞ needs at least two distinct fractions in (0, 1], got {fractions}")
-    x, y = [], []
+    space, x, y = next(iter(resampler.sizes)), [], []
     for fraction in fractions:
-        subset = units if fraction >= 1 else resampler.subset(units, fraction, rng)
-        space = next(iter(resampler.sizes))
         x.append(resampler.sizes[space] / resampler.subset_size(space, fraction))
-        y.append(fid.fid(*resampler.rows(subset)))
+        y.append(full if fraction >= 1 else fid.fid(*resampler.rows(resampler.subset(units, fraction, rng))))
     return float(np.polyfit(x, y, 1)[1])
 
 
@@ -335,16 +333,19 @@ def fid_family(real, generated, n_resamples=DEFAULT_RESAMPLES, seed=DEFAULT_SEED
                aligned=False, fractions=FID_INF_FRACTIONS, prefix="", progress=None):
     """FID, its interval and bias, FID∞ and its interval, KID and its interval, from one set of resamples (fid_ci's):
     {PREFIX + "fid", "fid_ci95", "fid_bias", "fid_inf", "fid_inf_ci95", "fid_inf_sizes", "fid_inf_seed", "kid",
-    "kid_ci95"}; with no resamples only the values and FID∞'s settings. fid_bias: mean of the replicates − FID, the
-    bootstrap's estimate of FID's finite-sample bias. The FID∞ subsets come from numpy's generator seeded with
-    [seed, 1]; a replicate's FID∞ takes its subsets from the resampled images."""
+    "kid_ci95"}; with no resamples only the values and FID∞'s settings; fractions None: no FID∞ (each of its
+    resamples costs about 2.6 FIDs more). fid_bias: mean of the replicates − FID, the bootstrap's estimate of FID's
+    finite-sample bias. The FID∞ subsets come from numpy's generator seeded with [seed, 1]; a replicate's FID∞ takes
+    its subsets from the resampled images."""
     fid = FidBootstrap(real, generated)
     kid = KidBootstrap(fid.real.x, fid.gen.x, fid.cross, aligned)
     resampler = Resampler((_groups(real_groups, fid.real.n), _groups(gen_groups, fid.gen.n)),
                           ("prompts", "prompts") if aligned else ("real", "generated"))
     subsets = np.random.default_rng([seed, 1])
-    point = {"fid": fid.fid(), "kid": kid.kid(), "fid_inf": fid_inf(fid, resampler, resampler.everything(), fractions,
-                                                                     subsets)}
+    infinity = (lambda units, full: fid_inf(fid, resampler, units, fractions, subsets, full)) if fractions else None
+    point = {"fid": fid.fid(), "kid": kid.kid()}
+    if infinity:
+        point["fid_inf"] = infinity(resampler.everything(), point["fid"])
     replicates = {name: [] for name in point}
     rng = np.random.default_rng(seed)
     for _ in (progress or iter)(range(n_resamples)):
@@ -352,10 +353,12 @@ def fid_family(real, generated, n_resamples=DEFAULT_RESAMPLES, seed=DEFAULT_SEED
         rows = resampler.rows(units)
         replicates["fid"].append(fid.fid(*rows))
         replicates["kid"].append(kid.kid(*rows))
-        replicates["fid_inf"].append(fid_inf(fid, resampler, units, fractions, subsets))
+        if infinity:
+            replicates["fid_inf"].append(infinity(units, replicates["fid"][-1]))
     space = "prompts" if aligned else "generated"
-    out = {"fid": point["fid"], "kid": point["kid"], "fid_inf": point["fid_inf"],
-           "fid_inf_sizes": [resampler.subset_size(space, f) for f in fractions], "fid_inf_seed": seed}
+    out = dict(point)
+    if infinity:
+        out.update(fid_inf_sizes=[resampler.subset_size(space, f) for f in fractions], fid_inf_seed=seed)
     if n_resamples:
         out.update({f"{name}_ci95": json_interval(centred_interval(point[name], replicates[name])) for name in point})
         out["fid_bias"] = float(np.mean(replicates["fid"]) - point["fid"])

@@ -23,7 +23,7 @@ import numpy as np
 import detail_metrics
 import outputs
 import report
-from bootstrap import (ALPHA, add_bootstrap_flags, check_bootstrap, distance_differences, fid_family, holm,
+from bootstrap import (ALPHA, FID_INF_FRACTIONS, add_bootstrap_flags, check_bootstrap, distance_differences, fid_family, holm,
                        holm_min_resamples, json_interval, mean_ci, p_value, paired_replicates, percentile_interval,
                        ratio_ci)
 from errors import UsageError, exit_on_usage_error
@@ -239,7 +239,7 @@ def per_image_entry(metric, rows, n_resamples, seed):
 
 def folder_summary(run, metrics, paired, n_resamples, seed):
     """{metric: {"value", "ci95", "n", ...}}: per-image metrics over the paired images (over all of the folder's
-    under "all_images" when those differ); FID, FID∞ and KID (and their patch versions) over the features' images."""
+    under "all_images" when those differ); FID, FID∞ and KID, patch-FID and patch-KID over the features' images."""
     out, everything = {}, sorted(name for name in run["images"] if name in run["rows"])
     for metric in [m for m in metrics if m not in FID_METRICS]:
         out[metric] = per_image_entry(metric, [run["rows"][name] for name in paired], n_resamples, seed)
@@ -249,12 +249,14 @@ def folder_summary(run, metrics, paired, n_resamples, seed):
     for family in [m for m in metrics if m in FID_METRICS]:
         features = family_features(run["features"], family)
         summary = fid_family(features["real"], features["generated"], n_resamples, seed, features["real_groups"],
-                             features["gen_groups"], features["aligned"])
+                             features["gen_groups"], features["aligned"],
+                             FID_INF_FRACTIONS if family == "fid" else None)  # as generate_and_eval_fid.py
         n, empty = len(run["features"]["files"]), [None, None]
         out[family] = {"value": summary["fid"], "ci95": summary.get("fid_ci95", empty), "n": n,
                        "bias": summary.get("fid_bias")}
-        out[f"{family}_inf"] = {"value": summary["fid_inf"], "ci95": summary.get("fid_inf_ci95", empty), "n": n,
-                                "sizes": summary["fid_inf_sizes"], "seed": summary["fid_inf_seed"]}
+        if "fid_inf" in summary:
+            out["fid_inf"] = {"value": summary["fid_inf"], "ci95": summary.get("fid_inf_ci95", empty), "n": n,
+                              "sizes": summary["fid_inf_sizes"], "seed": summary["fid_inf_seed"]}
         out[KID_OF[family]] = {"value": summary["kid"], "ci95": summary.get("kid_ci95", empty), "n": n}
     return out
 

@@ -112,7 +112,8 @@ def check_metrics(text):
 
 def add_eval_intervals(metrics, rows, features, n_resamples, seed, patches_per_image):
     """`<metric>_ci95` of every metric in `metrics`, prompts resampled; from the Inception features (each prompt with
-    its real image, a patch with its image), beside FID and patch-FID: their bias, FID∞ and KID (bootstrap.fid_family)."""
+    its real image, a crop with its image), beside FID and patch-FID: their bias and KID, and FID's FID∞
+    (bootstrap.fid_family; not patch-FID's: three crops an image triple the rows, and FID∞'s resamples cost more)."""
     add_intervals(metrics, n_resamples, seed,
                   means={name: [row[name] for row in rows] for name in ("clip_score", "aesthetics", "glcm_score")
                          if name in metrics},
@@ -124,7 +125,7 @@ def add_eval_intervals(metrics, rows, features, n_resamples, seed, patches_per_i
         if family in metrics:
             groups = np.repeat(np.arange(len(features[generated]) // per_image), per_image)
             summary = fid_family(features[real], features[generated], n_resamples, seed, groups, groups, aligned=True,
-                                 prefix=family[:-3])
+                                 fractions=FID_INF_FRACTIONS if family == "fid" else None, prefix=family[:-3])
             metrics.update({key: value for key, value in summary.items() if key != family})  # FID: torchmetrics'
     return metrics
 

@@ -134,7 +134,7 @@ def tests_sentence(tests):
     text = (f"{m} tests were made (each pair of folders × each metric they share). '*': the difference's 95 % "
             f"interval excludes 0, a test on its own: between runs that do not differ, about 1 in 20 tests gets it "
             f"by chance ({m / 20:.1f} expected here). 'H': significant after Holm–Bonferroni over all {m} tests "
-            f"(family-wise error {tests['alpha']:.0%}), from each row's bootstrap p-value.")
+            f"(family-wise error {tests['alpha'] * 100:g} %), from each row's bootstrap p-value.")
     if b < needed:
         text += (f" With --bootstrap {b} no p-value falls below 1/({b} + 1), so Holm cannot reject any of {m} tests: "
                  f"use --bootstrap {needed} or more.")

@@ -231,9 +231,9 @@ def test_fid_and_patch_fid_come_from_the_saved_features(folders, tmp_path):
     assert fid["significant"] == (fid["ci95"][0] > 0)
     kid = pair(comparison, "base", "blurred", "kid")
     assert kid["difference"] == pytest.approx(direct_kid(real, gens["blurred"][0]) - direct_kid(real, gen), rel=1e-9)
-    for family in ("fid", "patch_fid"):
-        entry = comparison["folders"]["base"][f"{family}_inf"]
-        assert entry["n"] == N and entry["seed"] == 0 and entry["sizes"][-1] == N
+    entry = comparison["folders"]["base"]["fid_inf"]
+    assert entry["n"] == N and entry["seed"] == 0 and entry["sizes"][-1] == N and entry["ci95"][0] < entry["ci95"][1]
+    assert "patch_fid_inf" not in comparison["folders"]["base"]
 
 
 def copy_folder(source, target, names=None):
@@ -338,7 +338,7 @@ def test_clip_score_an_image_lacks_is_refused_rather_than_dropped(folders, tmp_p
         writer.writerow(["file", "prompt", "clip_score", "aesthetics"])
         writer.writerows([p.name, "a prompt", 30.0, 5.0] for p in sorted(scored.glob("*.png"))[:-1])
     (scored / "metrics.json").write_text(json.dumps({"settings": {"protocol": "paper"}}))
-    with pytest.raises(UsageError, match="no aesthetics for 1 of the folder's images \\(e.g. 00011.png\\)"):
+    with pytest.raises(UsageError, match="no clip_score for 1 of the folder's images \\(e.g. 00011.png\\)"):
         run({"base": folders["base"], "scored": scored}, tmp_path / "out", "base", "scored")
 
 

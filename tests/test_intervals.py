@@ -13,7 +13,7 @@ from skimage import data
 
 import eval_vae
 from errors import UsageError
-from bootstrap import FidBootstrap
+from bootstrap import FidBootstrap, fid_ci
 from generate_and_eval_fid import main as eval_fid_main
 from generate_and_eval_fid import parse_args as eval_fid_args
 from patch_fid import load_features
@@ -78,6 +78,10 @@ def test_eval_vae_writes_intervals_and_rfid_from_its_saved_features(photos, tmp_
     assert features["real"].shape == features["generated"].shape == (len(PHOTOS), 64)
     assert summary["rfid"] == pytest.approx(FidBootstrap(features["real"], features["generated"]).fid(), rel=1e-4)
     assert summary["rfid_ci95"][0] <= summary["rfid"] <= summary["rfid_ci95"][1]
+    # Each image drawn with its reconstruction (fid_ci's joint draw is checked against one written out in
+    # tests/test_bootstrap.py):
+    assert summary["rfid_ci95"] == pytest.approx(fid_ci(features["real"], features["generated"], 200, 0,
+                                                        aligned=True)[1], rel=1e-9)
     assert summary["bootstrap"] == 200 and "nmse_ci95" not in summary
     with pytest.raises(UsageError, match="--bootstrap 20: give 0 \\(no intervals\\) or at least 200"):
         eval_vae.main(eval_vae.parse_args([*argv[:-2], "--bootstrap", "20"]))
@@ -129,10 +133,19 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
     for prefix, real, gen in (("", "inception_real", "inception_generated"), ("patch_", "patch_real", "patch_generated")):
         assert both[f"{prefix}kid"] == pytest.approx(direct_kid(features[real], features[gen]), rel=1e-9)
         assert both[f"{prefix}kid"] == plain.get(f"{prefix}kid", both[f"{prefix}kid"])  # no resampling in the value
-        for key in ("kid_ci95", "fid_bias", "fid_inf", "fid_inf_ci95"):
+        for key in ("kid_ci95", "fid_bias"):
             assert isinstance(both[prefix + key], (float, list)), prefix + key
-        assert both[f"{prefix}fid_inf_sizes"] == [2, 2, 3, 3, 4, 4] and both[f"{prefix}fid_inf_seed"] == 0
+    assert isinstance(both["fid_inf"], float) and both["fid_inf_ci95"][0] <= both["fid_inf"] <= both["fid_inf_ci95"][1]
+    assert both["fid_inf_sizes"] == [2, 2, 3, 3, 4, 4] and both["fid_inf_seed"] == 0
+    assert "patch_fid_inf" not in both  # not for patch-FID (PROTOCOL.md §6)
     assert "kid" in plain and "fid_inf" in plain and "kid_ci95" not in plain and "fid_bias" not in plain
+    # Each prompt drawn with its real image, a crop with its image (the joint draw: tests/test_bootstrap.py):
+    groups = np.repeat(np.arange(4), 3)
+    assert both["fid_ci95"] == pytest.approx(fid_ci(features["inception_real"], features["inception_generated"], 200,
+                                                    0, aligned=True)[1], rel=1e-9)
+    assert both["patch_fid_ci95"] == pytest.approx(fid_ci(features["patch_real"], features["patch_generated"], 200, 0,
+                                                          real_groups=groups, gen_groups=groups, aligned=True)[1],
+                                                   rel=1e-9)
     assert "48x48" in json.loads((tmp_path / "both" / "metrics.json").read_text())["protocol"]["patch_fid"]
 
 

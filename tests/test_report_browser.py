@@ -114,6 +114,8 @@ def test_page_loads_without_errors_and_shows_every_image_and_the_table(report):
     assert result["summary_rows"] == 1 + 2  # header, glcm_score, compression_ratio
     assert result["pair_rows"] == 1 + len(comparison["pairs"])
     assert result["zoom_src_before"] == 0  # originals load only on a click
+    page = (out / "report.html").read_text()  # the header says how many tests were made and what the marks mean
+    assert f"{len(comparison['pairs'])} tests were made" in page and "Holm" in page and "<th>p</th>" in page
 
 
 def test_a_click_moves_the_zoom_to_the_same_point_of_every_full_resolution_original(report):
