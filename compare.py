@@ -86,7 +86,8 @@ def read_eval_csv(folder):
     if not summary.is_file():
         raise UsageError(f"{path} has no {summary.name} beside it, so compare cannot tell which settings measured it: "
                          f"rerun eval.py --img_root {folder}, or remove {path} to have compare measure the folder.")
-    settings = {**MEASURED_HERE, **{k: json.loads(summary.read_text())[k] for k in DETAIL_SETTINGS[:-1]}}
+    saved = json.loads(summary.read_text())
+    settings = {**MEASURED_HERE, **{k: saved[k] for k in DETAIL_SETTINGS[:-1]}}
     rows = {os.path.basename(row["file"]): {"glcm_score": float(row["glcm"]), "raw_bytes": float(row["raw_bytes"]),
                                             "compressed_bytes": float(row["compressed_bytes"])} for row in read_csv(path)}
     return rows, settings

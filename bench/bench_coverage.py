@@ -186,4 +186,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    exit_on_usage_error("bench_coverage.py", main, parse_args())
+    exit_on_usage_error("python -m bench.bench_coverage", main, parse_args())
