@@ -467,8 +467,8 @@ def _init_worker():
 
 
 def evaluate_folder(img_root, prop="entropy", patch_size=64, device="cpu", workers=None, cr_mode="encode",
-                    quality=95, recursive=False, size=None, progress=True):
-    """GLCM Score and Compression Ratio of a folder -> (summary dict, per-image rows).
+                    quality=95, recursive=False, size=None, progress=True, files=None):
+    """GLCM Score and Compression Ratio of a folder (or of `files` in it) -> (summary dict, per-image rows).
 
     Unreadable files are skipped with a warning and counted (`n_skipped`); images without a full
     patch get GLCM NaN, are left out of the GLCM Score and kept in the Compression Ratio.
@@ -479,7 +479,7 @@ def evaluate_folder(img_root, prop="entropy", patch_size=64, device="cpu", worke
         raise ValueError(f"unknown GLCM property {prop!r}; choose one of {', '.join(GLCM_PROPS)}")
     if cr_mode not in ("encode", "file"):
         raise ValueError(f"unknown compression-ratio mode {cr_mode!r}; choose 'encode' or 'file'")
-    files = list_files(img_root, recursive)
+    files = list_files(img_root, recursive) if files is None else [str(f) for f in files]
     on_cpu = torch.device(device).type == "cpu"
     task = partial(measure_image, prop=prop, patch_size=patch_size, cr_mode=cr_mode, quality=quality,
                    glcm_device="cpu" if on_cpu else None)

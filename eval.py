@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from bootstrap import add_bootstrap_flags, add_intervals
+from bootstrap import add_bootstrap_flags, add_intervals, check_bootstrap
 from detail_metrics import GLCM_PROPS, evaluate_folder, write_outputs
 import outputs
 from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
@@ -40,8 +40,7 @@ def main(args):
     warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line in a CLI
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was given but torch sees no GPU; use --device cpu")
-    if args.bootstrap < 0:
-        raise UsageError(f"--bootstrap {args.bootstrap}: give a number of resamples, or 0 for no intervals")
+    check_bootstrap(args.bootstrap)
     if not os.path.isdir(args.img_root):
         raise UsageError(f"--img_root {args.img_root!r} is not a folder")
     if not 1 <= args.jpeg_quality <= 100:

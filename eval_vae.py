@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import outputs
-from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
+from bootstrap import add_bootstrap_flags, add_intervals, check_bootstrap, fid_ci, json_interval
 from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, check_metric_files, fid_tensor, load_fid
 from imagefolder import list_images, load_image
@@ -161,7 +161,8 @@ def summarize(rows, skipped, settings, fid, complete, bootstrap=(0, 0), features
         add_intervals(summary, *bootstrap, means={name: [row[name] for row in rows] for name in settings["metrics"]
                                                   if name != "rfid" and rows})
         if bootstrap[0] and summary["rfid"] is not None and features is not None:
-            summary["rfid_ci95"] = json_interval(fid_ci(features["real"], features["generated"], *bootstrap)[1])
+            summary["rfid_ci95"] = json_interval(fid_ci(features["real"], features["generated"], *bootstrap,
+                                                        aligned=True)[1])  # each image with its reconstruction
     summary.update(n_images=len(rows), n_skipped=len(skipped), complete=complete, **settings, skipped=skipped)
     return summary
 
@@ -181,7 +182,7 @@ def save_all_features(path, before, recorded):
 def main(args):
     """Check every flag, hold --output_json for this run, then evaluate (`run`)."""
     check_metrics(args.metrics)
-    check_at_least(0, bootstrap=args.bootstrap)
+    check_bootstrap(args.bootstrap)
     factor = VAE_MODES[args.vae_mode or "partitioned"].factor
     if args.size % factor or args.size <= 16:
         raise UsageError(f"--size {args.size}: --vae_mode {args.vae_mode or 'partitioned'} needs a multiple of "

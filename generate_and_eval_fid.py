@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import lora
 import outputs
-from bootstrap import add_bootstrap_flags, add_intervals, fid_ci, json_interval
+from bootstrap import FID_INF_FRACTIONS, add_bootstrap_flags, add_intervals, check_bootstrap, fid_family
 from errors import HelpFormatter, UsageError, check_at_least, exit_on_usage_error
 from fid_metrics import WEIGHT_SOURCES, MetricModels, check_metric_files, evaluate_images, load_fid, read_eval_set
 from generation import (add_generation_flags, check_checkpoint, check_generation_flags, generate, load_pipeline,
@@ -45,6 +45,12 @@ PROTOCOL = {  # how each metric is computed, written into metrics.json
     "aesthetics": "LAION improved-aesthetic-predictor on the L2-normalised OpenAI CLIP ViT-L/14 image embedding",
     "glcm_score": "detail_metrics.glcm_score (entropy, 64x64 patches), mean over images",
     "compression_ratio": "sum of raw RGB bytes / sum of in-memory JPEG q95 bytes (detail_metrics.compression_ratio)",
+    "kid": "torchmetrics KernelInceptionDistance (k = (x.y/d + 1)^3) on one subset of every image, from the FID "
+           "features",
+    "fid_inf": f"Chong & Forsyth's FID-infinity: FID of subsets of {', '.join(map(str, FID_INF_FRACTIONS))} of the "
+               f"prompts (fid_inf_sizes, seed fid_inf_seed), fitted linearly in 1/N and read at 1/N = 0",
+    "intervals": "95 % bootstrap over prompts (each with its real image; PROTOCOL.md section 6), fid_bias the "
+                 "bootstrap's estimate of FID's finite-sample bias",
 }
 AUTHORS_PROTOCOL = {  # their generate_and_eval_fid.py + eval.py: what --protocol authors changes
     "glcm_score": "detail_metrics.glcm_score (entropy, 64x64 patches) of the q95 JPEG files, mean over images",
@@ -106,22 +112,22 @@ def check_metrics(text):
 
 
 def add_eval_intervals(metrics, rows, features, n_resamples, seed, patches_per_image):
-    """`<metric>_ci95` of every metric in `metrics`, images resampled; FID-family from the Inception features."""
+    """`<metric>_ci95` of every metric in `metrics`, prompts resampled; from the Inception features (each prompt with
+    its real image, a crop with its image), beside FID and patch-FID: their bias and KID, and FID's FID∞
+    (bootstrap.fid_family; not patch-FID's: three crops an image triple the rows, and FID∞'s resamples cost more)."""
     add_intervals(metrics, n_resamples, seed,
                   means={name: [row[name] for row in rows] for name in ("clip_score", "aesthetics", "glcm_score")
                          if name in metrics},
                   ratios={"compression_ratio": ([row["raw_bytes"] for row in rows],
                                                 [row["raw_bytes"] / row["compression_ratio"] for row in rows])}
                   if "compression_ratio" in metrics else {})
-    if not n_resamples:
-        return metrics
-    if "fid" in metrics:
-        metrics["fid_ci95"] = json_interval(fid_ci(features["inception_real"], features["inception_generated"],
-                                                   n_resamples, seed)[1])
-    if "patch_fid" in metrics:
-        groups = np.repeat(np.arange(len(features["patch_real"]) // patches_per_image), patches_per_image)
-        metrics["patch_fid_ci95"] = json_interval(fid_ci(features["patch_real"], features["patch_generated"],
-                                                         n_resamples, seed, real_groups=groups, gen_groups=groups)[1])
+    for family, real, generated, per_image in (("fid", "inception_real", "inception_generated", 1),
+                                               ("patch_fid", "patch_real", "patch_generated", patches_per_image)):
+        if family in metrics:
+            groups = np.repeat(np.arange(len(features[generated]) // per_image), per_image)
+            summary = fid_family(features[real], features[generated], n_resamples, seed, groups, groups, aligned=True,
+                                 fractions=FID_INF_FRACTIONS if family == "fid" else None, prefix=family[:-3])
+            metrics.update({key: value for key, value in summary.items() if key != family})  # FID: torchmetrics'
     return metrics
 
 
@@ -143,7 +149,8 @@ def main(args):
     """Check the flags, hold --save_path for this run (main process), then generate and score (`run`)."""
     check_generation_flags(args)
     check_at_least(1, size=args.size, max_samples=args.max_samples, eval_batch_size=args.eval_batch_size)
-    check_at_least(0, num_workers=args.num_workers, bootstrap=args.bootstrap)
+    check_at_least(0, num_workers=args.num_workers)
+    check_bootstrap(args.bootstrap)
     check_at_least(1, patch_size=args.patch_size, patches_per_image=args.patches_per_image)
     check_metrics(args.metrics)
     # Without CUDA, processes started by `accelerate launch` / torchrun share the work on the CPU (gloo).
@@ -244,8 +251,8 @@ def run(args, state):
                                             f"{args.patch_size}x{args.patch_size} crop(s) per image at native "
                                             f"resolution, seed {args.patch_seed} (patch_fid.py)")
     write_results(args.save_path, metrics, rows or [{"file": name} for name in features["files"]])
-    print(json.dumps({k: metrics[k] for k in (*METRICS, "num_images", "truncated_prompts", "stand_in_metrics")
-                      if k in metrics}))
+    print(json.dumps({k: metrics[k] for k in (*METRICS, "kid", "fid_inf", "patch_kid", "patch_fid_inf", "num_images",
+                                              "truncated_prompts", "stand_in_metrics") if k in metrics}))
     if metrics["stand_in_metrics"]:
         print("stand_in_metrics: the metric networks are tiny_models.py's random stand-ins: FID, CLIPScore and "
               "Aesthetics here are meaningless")

@@ -2,6 +2,7 @@
 the training data stream both trainers draw from it: seeded crops keyed by (epoch, index), dealt to the processes."""
 import abc
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from parquet_shards import IMAGE_COLUMN, open_row_image
 
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what a bad image file raises
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+REFUSED = "refused, not read"  # the end of the problem line of a row whose path leaves its folder
 
 
 def is_text(value):
@@ -39,12 +41,37 @@ def json_lines(lines, problems, prefix="line"):
             problems.append(f"{prefix} {number}: invalid JSON ({error.msg})")
 
 
+def rows_folder(folder):
+    """The folder a metadata.jsonl's rows must stay inside: its own, or for prepare_data.py filter's output the source
+    folder its .prepare/settings.json names (its rows point at the originals there)."""
+    try:
+        saved = json.loads((Path(folder) / ".prepare" / "settings.json").read_text())
+    except (OSError, ValueError):
+        return Path(folder)
+    source = saved.get("data_dir") if isinstance(saved, dict) and saved.get("command") == "filter" else None
+    return Path(source) if isinstance(source, str) else Path(folder)
+
+
+def outside_problem(name, folder, root):
+    """Why a row's path `name` (relative to `folder`) is refused, or None: absolute, or leading outside `root`. The
+    path is checked as written, its `..` folded, without following links inside `root` (the Hub's cache keeps its
+    files as links to blobs elsewhere)."""
+    if os.path.isabs(name) or Path(name).drive:
+        return f"{name!a} is an absolute path: {REFUSED}"
+    target, base = os.path.normpath(os.path.join(os.path.realpath(folder), name)), os.path.realpath(root)
+    if os.path.commonpath([target, base]) != base:
+        return f"{name!a} leads outside {root}: {REFUSED}"
+    return None
+
+
 def read_metadata(path, require_text=True, rows=False):
     """Usable {"file_name", "text", "image"} records of an imagefolder's metadata.jsonl (the file, or its folder),
     and the skipped lines: {"metadata_lines": [...], "missing_images": [...]}, each entry naming its line.
 
     A line is skipped when it is not JSON, lacks a non-empty `file_name` or `text`, holds a value that is not
-    valid UTF-8 text, or names an image that does not exist (`file_name` is relative to the jsonl's folder).
+    valid UTF-8 text, names an image outside the jsonl's folder (absolute, or `..` out of it; prepare_data.py filter's
+    output: outside its source folder), never read, or names an image that does not exist (`file_name` is relative to
+    the jsonl's folder).
     require_text False: `text` may be empty or absent (VAE data such as SA-1B's). rows True: a line may instead
     point at a row of a Parquet shard (`parquet_file`, relative to the jsonl's folder, and `row`, as prepare_data.py
     filter writes): its record has "parquet_file" and "row". Images are not decoded here.
@@ -55,11 +82,11 @@ def read_metadata(path, require_text=True, rows=False):
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: an imagefolder needs a metadata.jsonl holding one JSON object a "
                                 f"line with 'file_name' (relative to its folder) and 'text'")
-    records, bad_lines, missing = [], [], []
+    records, bad_lines, missing, root = [], [], [], rows_folder(path.parent)
     with open(path, encoding="utf-8", errors="surrogateescape") as lines:  # bad bytes -> lone surrogates
         for number, entry in json_lines(lines, bad_lines):
             if rows and isinstance(entry, dict) and "parquet_file" in entry and "file_name" not in entry:
-                entry = parquet_row_entry(entry, path.parent, number, bad_lines, missing)
+                entry = parquet_row_entry(entry, path.parent, root, number, bad_lines, missing)
                 if entry:
                     records.append(entry)
                 continue
@@ -71,6 +98,8 @@ def read_metadata(path, require_text=True, rows=False):
                 image = path.parent / entry["file_name"]
                 if not is_text(entry["file_name"]) or not is_text(entry.get("text")):
                     bad_lines.append(f"line {number}: {entry['file_name']!a}: not valid UTF-8 text")
+                elif refused := outside_problem(entry["file_name"], path.parent, root):
+                    bad_lines.append(f"line {number}: {refused}")
                 elif not image.is_file():
                     missing.append(f"line {number}: {entry['file_name']} does not exist")
                 else:
@@ -79,8 +108,9 @@ def read_metadata(path, require_text=True, rows=False):
     return records, {"metadata_lines": bad_lines, "missing_images": missing}
 
 
-def parquet_row_entry(entry, folder, number, bad_lines, missing):
-    """The record of a metadata line pointing at a Parquet row, or None with the reason appended to a list."""
+def parquet_row_entry(entry, folder, root, number, bad_lines, missing):
+    """The record of a metadata line pointing at a Parquet row (its shard inside `root`), or None with the reason
+    appended to a list."""
     shard, row, text = entry.get("parquet_file"), entry.get("row"), entry.get("text")
     if not isinstance(shard, str) or not isinstance(row, int) or row < 0:
         bad_lines.append(f"line {number}: 'parquet_file' needs a path and 'row' a row number")
@@ -88,6 +118,8 @@ def parquet_row_entry(entry, folder, number, bad_lines, missing):
         bad_lines.append(f"line {number}: no 'text'")
     elif not is_text(text) or not is_text(shard):
         bad_lines.append(f"line {number}: {shard!a}: not valid UTF-8 text")
+    elif refused := outside_problem(shard, folder, root):
+        bad_lines.append(f"line {number}: {refused}")
     elif not (folder / shard).is_file():
         missing.append(f"line {number}: {shard} does not exist")
     else:

@@ -31,7 +31,7 @@ import detail_metrics as dm
 import outputs
 import parquet_shards as ps
 from errors import HelpFormatter, UsageError, exit_on_usage_error
-from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, json_lines
+from imagefolder import IMAGE_ERRORS, IMAGE_SUFFIXES, REFUSED, json_lines, outside_problem, rows_folder
 
 CHUNK = 16  # images of an imagefolder per unit of work (a Parquet chunk is one row group)
 SCORE_FIELDS = ("file", "width", "height", "short_side", "glcm", "compression_ratio", "laplacian_var", "flat_share",
@@ -48,12 +48,15 @@ FORMAT_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", 
 def read_imagefolder(root):
     """(items, orphans, problems) of an imagefolder: one item per metadata line whose file exists, plus one per image
     file no line names (caption missing); orphans: lines whose file is missing."""
-    items, orphans, problems, listed = [], [], [], set()
+    items, orphans, problems, listed, allowed = [], [], [], set(), rows_folder(root)
     with open(root / "metadata.jsonl", encoding="utf-8", errors="replace") as lines:
         for number, entry in json_lines(lines, problems, prefix="metadata.jsonl line"):
             name = entry.get("file_name") if isinstance(entry, dict) else None
             if not isinstance(name, str) or not name.strip():
                 problems.append(f"metadata.jsonl line {number}: no 'file_name'")
+                continue
+            if refused := outside_problem(name, root, allowed):
+                problems.append(f"metadata.jsonl line {number}: {refused}")
                 continue
             path = root / name
             if not path.is_file():
@@ -195,18 +198,48 @@ def _run_chunk(job):
 #                     Resumable work: one append-only log per run               #
 #################################################################################
 
+def input_inventory(layout, items):
+    """[[name, size, mtime_ns]] of every file the chunks read, in input order: an imagefolder's images, or the shards
+    of a Parquet folder (what settings.json ties a work folder to)."""
+    if layout == "imagefolder":
+        files = {item["path"]: item["name"] for item in items}
+    else:
+        files = {item["parquet_file"]: item["name"].rsplit("#", 1)[0] for item in items}
+    return [[name, os.stat(path).st_size, os.stat(path).st_mtime_ns] for path, name in files.items()]
+
+
+def input_changes(before, now):
+    """What differs between two input inventories, as a phrase: files added, removed, changed, or reordered."""
+    old, new = ({name: (size, mtime) for name, size, mtime in listing} for listing in (before, now))
+    found = {"added": [n for n in new if n not in old], "removed": [n for n in old if n not in new],
+             "changed": [n for n in new if n in old and new[n] != old[n]]}
+    parts = [f"{len(names)} file(s) {what}, e.g. {names[0]}" for what, names in found.items() if names]
+    return "; ".join(parts) or "the same files in another order"
+
+
 class WorkLog:
     """The finished chunks of a command, in `folder`: one JSON line per chunk, appended and flushed to disk as soon as
     it is done (a torn last line, from a killed run, is ignored and its chunk redone). Each --shard writes its own
-    file, so machines sharing the folder never write to one file; `settings.json` ties the folder to its input."""
+    file, so machines sharing the folder never write to one file; `settings.json` ties the folder to its settings
+    and to its input (a digest of `inventory`, kept in input.json): a run on changed input is refused."""
 
-    def __init__(self, folder, settings, shard):
+    def __init__(self, folder, settings, shard, inventory):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        stamp = self.folder / "settings.json"
-        if stamp.is_file() and json.loads(stamp.read_text()) != settings:
-            raise UsageError(f"{self.folder} holds the work of another input or other settings "
-                             f"({stamp}); use another output or delete that folder to start again.")
+        stamp, listing = self.folder / "settings.json", self.folder / "input.json"
+        digest = hashlib.sha256(json.dumps(inventory).encode()).hexdigest()
+        settings = {**settings, "input": {"files": len(inventory), "sha256": digest}}
+        if stamp.is_file():
+            saved = json.loads(stamp.read_text())
+            if {k: v for k, v in saved.items() if k != "input"} != {k: v for k, v in settings.items() if k != "input"}:
+                raise UsageError(f"{self.folder} holds the work of another input or other settings ({stamp}); use "
+                                 f"another output, or pass --overwrite to start afresh there.")
+            if saved.get("input") != settings["input"]:
+                what = input_changes(json.loads(listing.read_text()), inventory) if listing.is_file() else \
+                    "no record of the input it read"
+                raise UsageError(f"{settings['data_dir']} changed since the work in {self.folder} began ({what}): "
+                                 f"pass --overwrite to start afresh, or use another output.")
+        outputs.write_text(listing, json.dumps(inventory))
         outputs.write_text(stamp, json.dumps(settings, indent=2))
         self.path = self.folder / f"results-{shard[0]}-of-{shard[1]}.jsonl"
         if self.path.is_file():  # cut a torn last line off this run's own log, so that appends start on a new line
@@ -222,6 +255,13 @@ class WorkLog:
                 except json.JSONDecodeError:
                     continue  # the torn last line of a killed run
                 self.done[entry["chunk"]] = entry["rows"]
+
+    @staticmethod
+    def discard(folder):
+        """Remove the work of earlier runs from `folder` (--overwrite): every shard's log, settings and inventory."""
+        for path in [*Path(folder).glob("results-*.jsonl"), Path(folder) / "settings.json",
+                     Path(folder) / "input.json"]:
+            path.unlink(missing_ok=True)
 
     def append(self, chunk_id, rows):
         """Record a finished chunk on disk before going on."""
@@ -292,6 +332,11 @@ def duplicates_to_drop(results, keep_duplicates):
     return {name: group[0] for group in duplicate_groups(results.values()) for name in group[1:]}
 
 
+def refused(problems):
+    """How many rows were refused (never read) because their path leaves the dataset folder."""
+    return sum(problem.endswith(REFUSED) for problem in problems)
+
+
 def verify_report(data_dir, layout, items, orphans, problems, results):
     """The verify JSON: counts, the lists of bad files, duplicate groups and the short-side distribution."""
     readable = [r for r in results.values() if "error" not in r]
@@ -299,7 +344,7 @@ def verify_report(data_dir, layout, items, orphans, problems, results):
     missing = [f"{it['name']}: {it['caption_problem']}" for it in items if it["text"] is None]
     return {"data_dir": str(data_dir), "layout": layout, "n_images": len(items), "n_readable": len(readable),
             "corrupt": corrupt, "missing_caption": missing, "orphan_captions": orphans,
-            "duplicates": duplicate_groups(readable),
+            "duplicates": duplicate_groups(readable), "n_refused_paths": refused(problems),
             "short_side": short_side_distribution([min(r["width"], r["height"]) for r in readable]),
             "problems": problems + corrupt + missing + [f"{name}: caption whose file is missing" for name in orphans]}
 
@@ -359,7 +404,8 @@ def write_filter_outputs(out, items, problems, results, args):
     writer.writerows(rows)
     outputs.write_text(out / "scores.csv", buffer.getvalue())
     outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
-    report.update(n_scored=len(rows), n_passed=len(lines), n_duplicates=len(duplicates), problems=problems,
+    report.update(n_scored=len(rows), n_passed=len(lines), n_duplicates=len(duplicates),
+                  n_refused_paths=refused(problems), problems=problems,
                   thresholds={k: getattr(args, k) for k in ("min_glcm", "min_compression_ratio", "max_flat_share",
                                                             "min_short_side", "keep_duplicates")})
     outputs.write_text(out / "filter_report.json", json.dumps(report, indent=2))
@@ -410,8 +456,8 @@ def write_eval_set(out, items, problems, results, args):
                                  "source": item["name"]}, ensure_ascii=False))
     outputs.write_text(out / "metadata.jsonl", "".join(line + "\n" for line in lines))
     report = {"size": args.size, "n_images": len(items), "n_selected": len(lines), "n_too_small": too_small,
-              "n_duplicates": duplicate, "n_flat": flat, "max_flat_share": args.max_flat_share, "keep_duplicates": args.keep_duplicates,
-              "problems": problems}
+              "n_duplicates": duplicate, "n_flat": flat, "max_flat_share": args.max_flat_share,
+              "keep_duplicates": args.keep_duplicates, "n_refused_paths": refused(problems), "problems": problems}
     outputs.write_text(out / "eval_set_report.json", json.dumps(report, indent=2))
     return report
 
@@ -432,6 +478,10 @@ def main(args):
     index, count = args.shard
     label = "--out_json" if args.command == "verify" else "--out"
     with outputs.FolderLock(work, label, name=f".run-{index}-of-{count}.lock"):  # one run per shard of an output
+        if args.overwrite:
+            WorkLog.discard(work)
+            if args.command == "make_eval_set":  # images already there are kept by a resumed run: not these
+                shutil.rmtree(out / "images", ignore_errors=True)
         return run(args, data_dir, (layout, items, orphans, problems), work,
                    out_json if args.command == "verify" else out)
 
@@ -442,7 +492,7 @@ def run(args, data_dir, dataset, work, out):
     layout, items, orphans, problems = dataset
     settings = {"command": args.command, "data_dir": str(data_dir), "image_column": args.image_column,
                 "flat_std": args.flat_std}
-    log = WorkLog(work, settings, args.shard)
+    log = WorkLog(work, settings, args.shard, input_inventory(layout, items))
     chunks = make_chunks(layout, items)
     job = {"command": args.command, "image_column": args.image_column, "flat_std": args.flat_std}
     if not run_chunks(chunks, log, args.shard, args.workers, job, args.command):
@@ -487,6 +537,8 @@ def parse_args(argv=None):
     common.add_argument("--shard", type=parse_shard, default="0/1", help="I/N: this machine's share (0-based)")
     common.add_argument("--flat_std", type=float, default=2.0,
                         help="a 64x64 patch is flat when its 8-bit luma standard deviation is below this")
+    common.add_argument("--overwrite", action="store_true",
+                        help="discard the earlier work kept for this output (every shard's) and start afresh")
     verify = commands.add_parser("verify", parents=[common], formatter_class=HelpFormatter,
                                  help="decode every image, check captions, duplicates")
     verify.add_argument("--out_json", default=None, help="default: DATA_DIR_verify.json")

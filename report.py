@@ -126,30 +126,51 @@ def block_files(job, out, thumb_size, crop_size):
 #                                      Page                                     #
 #################################################################################
 
+def tests_sentence(tests):
+    """What the significance marks mean for the m tests of a comparison, in one paragraph of plain text."""
+    m, b, needed = tests["m"], tests["bootstrap"], tests["holm_min_bootstrap"]
+    if not m:
+        return "No differences were tested (--bootstrap 0: no intervals and no p-values)."
+    text = (f"{m} tests were made (each pair of folders × each metric they share). '*': the difference's 95 % "
+            f"interval excludes 0, a test on its own: between runs that do not differ, about 1 in 20 tests gets it "
+            f"by chance ({m / 20:.1f} expected here). 'H': significant after Holm–Bonferroni over all {m} tests "
+            f"(family-wise error {tests['alpha'] * 100:g} %), from each row's bootstrap p-value.")
+    if b < needed:
+        text += (f" With --bootstrap {b} no p-value falls below 1/({b} + 1), so Holm cannot reject any of {m} tests: "
+                 f"use --bootstrap {needed} or more.")
+    return text + (" Either mark says a difference is larger than the resampling noise of these images, not that it "
+                   "is large enough to matter (docs/comparing.md).")
+
+
 def summary_tables(comparison):
     """HTML of the per-folder table and the pairs table."""
     labels = list(comparison["folders"])
     metrics = list(dict.fromkeys(m for v in comparison["folders"].values() for m in v))
     cell = lambda v: "–" if v is None else f"{v:.4g}"  # noqa: E731
-    parts = ["<h2>Summary</h2><table id='summary'><tr><th>metric</th>"
+    bias = lambda v: f" bias {cell(v['bias'])}" if v.get("bias") is not None else ""  # noqa: E731
+    parts = [f"<h2>Summary</h2><p id='tests'>{html.escape(tests_sentence(comparison['tests']))}</p>"
+             "<table id='summary'><tr><th>metric</th>"
              + "".join(f"<th>{html.escape(label)}</th>" for label in labels) + "</tr>"]
     for metric in metrics:
         parts.append(f"<tr><td class='l'>{metric}</td>" + "".join(
-            f"<td>{cell(v['value'])} [{cell(v['ci95'][0])}, {cell(v['ci95'][1])}]</td>" if v else "<td>–</td>"
-            for v in (comparison["folders"][label].get(metric) for label in labels)) + "</tr>")
-    parts.append("</table><h3>Differences (b − a), 95 % bootstrap intervals; * : the interval excludes 0</h3>"
+            f"<td>{cell(v['value'])} [{cell(v['ci95'][0])}, {cell(v['ci95'][1])}] n={v['n']}{bias(v)}</td>" if v
+            else "<td>–</td>" for v in (comparison["folders"][label].get(metric) for label in labels)) + "</tr>")
+    parts.append(f"</table><h3>Differences (b − a), 95 % bootstrap intervals; * : the interval excludes 0; H: "
+                 f"significant after Holm–Bonferroni over the {comparison['tests']['m']} tests</h3>"
                  "<p>A * says the difference is larger than the resampling noise of these images, not that it is "
                  "large enough to matter: read it against its size relative to a, and against how far the metric "
                  "moves between two runs of one model with another seed (docs/comparing.md).</p>"
                  "<table id='pairs'><tr><th>a</th><th>b</th><th>metric</th><th>b − a</th><th>relative to a</th>"
-                 "<th>95 % interval</th><th>n pairs</th><th></th></tr>")
+                 "<th>95 % interval</th><th>n pairs</th><th>p</th><th></th></tr>")
     for p in comparison["pairs"]:
         mark = "<span class='sig'>*</span>" if p["significant"] else "<span class='ns'>n.s.</span>"
+        mark += " <span class='sig'>H</span>" if p["significant_holm"] else ""
         base = comparison["folders"][p["a"]][p["metric"]]["value"]
         relative = f"{100 * p['difference'] / abs(base):+.3g} %" if base else "–"
         parts.append(f"<tr><td class='l'>{html.escape(p['a'])}</td><td class='l'>{html.escape(p['b'])}</td>"
                      f"<td class='l'>{p['metric']}</td><td>{cell(p['difference'])}</td><td>{relative}</td>"
-                     f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td><td>{p['n_pairs']}</td>"
+                     f"<td>[{cell(p['ci95'][0])}, {cell(p['ci95'][1])}]</td>"
+                     f"<td>{p['n_pairs'] if p['paired'] else 'unpaired'}</td><td>{cell(p['p_value'])}</td>"
                      f"<td>{mark}</td></tr>")
     return "".join(parts) + "</table>"
 
@@ -186,7 +207,9 @@ def prompt_section(out, runs, name, placed, sprites, crop_size):
     parts = [f"<div class='prompt' id='p-{html.escape(Path(name).stem)}'><b>{html.escape(name)}</b> "
              f"{html.escape(prompt)}<div class='row'>"]
     for run, item in zip(runs, placed):
-        full = quote(Path(os.path.relpath(Path(run["images"][name]).resolve(), out.resolve())).as_posix())
+        # Relative to the folder as given, not as resolved: a browser resolves the page's links from the path it was
+        # opened by, symlinks included.
+        full = quote(Path(os.path.relpath(os.path.abspath(run["images"][name]), os.path.abspath(out))).as_posix())
         width, height = item["size"]
         label = html.escape(run["label"])
         parts.append(

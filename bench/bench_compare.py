@@ -1,6 +1,7 @@
 """compare.py at scale: 3 folders of N textured images (skimage photos, bicubic-upscaled, plus noise; PNG), the whole
 run timed (per-image GLCM + CR, statistics, report) and extrapolated linearly to --target images when N is smaller;
-and the FID bootstrap alone on --fid_images × 2048 features, against one scipy Fréchet distance in the same run.
+and the FID-family bootstrap alone on --fid_images × 2048 features (FID; FID, FID∞ and KID; a paired difference),
+against one scipy Fréchet distance in the same run.
 
     python -m bench.bench_compare [--images 60] [--size 2048] [--target 2000] [--root /tmp/bench_compare]
     python -m bench.bench_compare --images 2000 --distinct 100      # the full size, ≈ 4 GB of disk
@@ -105,22 +106,33 @@ def open_in_chromium(page, timeout):
 
 
 def time_fid_bootstrap(n, d, resamples):
-    """(seconds of fid_ci with `resamples` resamples, seconds of one scipy sqrtm FID) on n × d features."""
+    """{stage: seconds} on n × d features: one scipy sqrtm FID (the reference), fid_ci with `resamples` resamples, the
+    whole FID family of one run (FID, FID∞, KID and their intervals) and a paired FID + KID difference of two runs."""
     rng = np.random.default_rng(0)
     mixing = rng.normal(size=(d, d)) * 0.995 ** np.arange(d)
     real, gen = np.abs(rng.normal(size=(n, d)) @ mixing.T), np.abs(rng.normal(size=(n, d)) @ mixing.T) * 1.05
+    seconds = {}
     start = time.perf_counter()
     s1, s2 = np.cov(real, rowvar=False), np.cov(gen, rowvar=False)
     reference = float(((real.mean(0) - gen.mean(0)) ** 2).sum() + np.trace(s1) + np.trace(s2)
                       - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
-    scipy_seconds = time.perf_counter() - start
+    seconds["one_scipy_fid"] = time.perf_counter() - start
     start = time.perf_counter()
-    point, _ = bootstrap.fid_ci(real, gen, n_resamples=resamples)
+    point, _ = bootstrap.fid_ci(real, gen, n_resamples=resamples, aligned=True)
+    seconds["fid_ci"] = time.perf_counter() - start
     assert abs(point - reference) <= 1e-6 * abs(reference), (point, reference)
-    return time.perf_counter() - start, scipy_seconds
+    start = time.perf_counter()
+    bootstrap.fid_family(real, gen, n_resamples=resamples, aligned=True)
+    seconds["fid_family"] = time.perf_counter() - start
+    start = time.perf_counter()
+    run = lambda generated: {"real": real, "generated": generated, "aligned": True}  # noqa: E731
+    bootstrap.distance_differences(run(gen), run(gen * 1.01), n_resamples=resamples, paired=True)
+    seconds["paired_difference"] = time.perf_counter() - start
+    return seconds
 
 
 def main(args):
+    bootstrap.check_bootstrap(args.bootstrap)
     root = Path(args.root)
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
@@ -144,10 +156,9 @@ def main(args):
     opened = open_in_chromium(page, args.open_timeout)
     print(json.dumps({"stage": "open_report", "prompts": args.images, "chromium": opened or "not installed",
                       "load_average_1min": os.getloadavg()[0]}))
-    fid_seconds, scipy_seconds = time_fid_bootstrap(args.fid_images, 2048, args.bootstrap)
+    seconds = time_fid_bootstrap(args.fid_images, 2048, args.bootstrap)
     print(json.dumps({"stage": "fid_bootstrap", "images": args.fid_images, "features": 2048,
-                      "resamples": args.bootstrap, "seconds": round(fid_seconds, 1),
-                      "reference_one_scipy_fid_seconds": round(scipy_seconds, 1),
+                      "resamples": args.bootstrap, **{k: round(v, 1) for k, v in seconds.items()},
                       "load_average_1min": os.getloadavg()[0]}))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import bootstrap
+from bench.bench_coverage import Scenario
 from errors import UsageError
 from patch_fid import image_patches, patch_boxes, recorded_features
 
@@ -222,3 +223,164 @@ def test_recorded_features_are_what_the_fid_metric_summed():
                                                                            recorded["generated"]).fid(), rel=1e-5)
     metric.update(images[0], real=True)  # after the block: nothing recorded any more
     assert recorded["real"].shape == (12, 5)
+
+
+# ------------------------------------------------------------------ prompts resampled jointly, KID, FID∞
+
+
+def test_an_aligned_fid_interval_draws_each_prompt_with_its_real_image():
+    """One index draw per replicate serves the reference and the generated set (row i of both: prompt i)."""
+    real, gen = features(40, 6, 20), features(40, 6, 21, scale=1.2)
+    rng = np.random.default_rng(4)
+    replicates = [direct_fid(real[p], gen[p]) for p in (rng.integers(0, 40, size=(1, 40))[0] for _ in range(40))]
+    point = direct_fid(real, gen)
+    low, mid, high = np.percentile(replicates, [2.5, 50, 97.5])
+    got_point, got = bootstrap.fid_ci(real, gen, n_resamples=40, seed=4, aligned=True)
+    assert got_point == pytest.approx(point, rel=1e-6)
+    assert got == pytest.approx([point + low - mid, point + high - mid], rel=1e-6)
+
+
+def direct_kid(x, y, ix=None, iy=None, aligned=False):
+    """KID written out over the drawn rows (ix, iy: the original row of each draw): the mean kernel over pairs of
+    draws of different rows within a set, minus twice the mean over real-generated pairs (aligned: without the pairs
+    of two different draws of one prompt); every row once, torchmetrics' unbiased MMD²."""
+    ix = np.arange(len(x)) if ix is None else np.asarray(ix)
+    iy = np.arange(len(y)) if iy is None else np.asarray(iy)
+    kernel = lambda a, b: (a @ b.T / x.shape[1] + 1) ** 3  # noqa: E731
+    within = lambda k, i: k[i[:, None] != i[None, :]].mean()  # noqa: E731
+    kxy = kernel(x[ix], y[iy])
+    keep = np.ones(kxy.shape, bool)
+    if aligned:
+        keep = (ix[:, None] != iy[None, :]) | (np.arange(len(ix))[:, None] == np.arange(len(iy))[None, :])
+    return within(kernel(x[ix], x[ix]), ix) + within(kernel(y[iy], y[iy]), iy) - 2 * kxy[keep].mean()
+
+
+def test_kid_equals_torchmetrics_kernel_inception_distance_on_one_subset_of_every_image():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    real, gen = features(50, 12, 30), features(50, 12, 31, scale=1.1, shift=0.05)
+    metric = KernelInceptionDistance(feature=torch.nn.Identity(), subsets=1, subset_size=50)
+    metric.update(torch.from_numpy(real), real=True)
+    metric.update(torch.from_numpy(gen), real=False)
+    expected = float(metric.compute()[0])
+    for aligned in (False, True):
+        assert bootstrap.KidBootstrap(real, gen, aligned=aligned).kid() == pytest.approx(expected, rel=1e-6)
+    # Sets of different sizes (torchmetrics needs equal subsets): the same estimator written out.
+    assert bootstrap.KidBootstrap(real, gen[:35]).kid() == pytest.approx(direct_kid(real, gen[:35]), rel=1e-9)
+
+
+def test_a_kid_replicate_leaves_out_pairs_of_two_draws_of_one_image():
+    real, gen = features(25, 7, 32), features(25, 7, 33, scale=1.3)
+    rng = np.random.default_rng(1)
+    for aligned in (False, True):
+        w_r = bootstrap.resample_counts(25, 1, rng)[0]
+        w_g = w_r if aligned else bootstrap.resample_counts(25, 1, rng)[0]
+        ix, iy = np.repeat(np.arange(25), w_r), np.repeat(np.arange(25), w_g)
+        got = bootstrap.KidBootstrap(real, gen, aligned=aligned).kid(w_r, w_g)
+        assert got == pytest.approx(direct_kid(real, gen, ix, iy, aligned), rel=1e-9)
+
+
+def test_a_paired_difference_draws_one_set_of_prompts_for_the_reference_and_both_runs():
+    """Two patches per image: a drawn prompt brings both patches of its real and of both generated images."""
+    real, gen_a, gen_b = features(60, 5, 14), features(60, 5, 15), features(60, 5, 16, scale=1.3)
+    groups = np.repeat(np.arange(30), 2)
+    rng = np.random.default_rng(6)
+    fid, kid = [], []
+    for _ in range(30):
+        p = rng.integers(0, 30, size=(1, 30))[0]
+        rows = (2 * p[:, None] + np.arange(2)).ravel()
+        fid.append(direct_fid(real[rows], gen_b[rows]) - direct_fid(real[rows], gen_a[rows]))
+        kid.append(direct_kid(real, gen_b, rows, rows, True) - direct_kid(real, gen_a, rows, rows, True))
+    run = lambda gen: {"real": real, "generated": gen, "real_groups": groups, "gen_groups": groups,  # noqa: E731
+                       "aligned": True}
+    got = bootstrap.distance_differences(run(gen_a), run(gen_b), n_resamples=30, seed=6, paired=True)
+    for name, replicates, direct in (("fid", fid, direct_fid), ("kid", kid, direct_kid)):
+        point = direct(real, gen_b) - direct(real, gen_a)
+        assert got[name][0] == pytest.approx(point, rel=1e-6)
+        assert got[name][1] == pytest.approx(np.array(replicates) - np.median(replicates) + point, rel=1e-6)
+    assert bootstrap.fid_difference(real, gen_a, real, gen_b, 30, 6, groups=(groups,) * 4, paired=True,
+                                    aligned=(True, True))[1] == pytest.approx(
+        bootstrap.percentile_interval(got["fid"][1]), rel=1e-12)
+
+
+def test_fid_inf_is_the_intercept_of_the_fids_of_subsets_fitted_in_one_over_n():
+    real, gen = features(40, 5, 40), features(40, 5, 41, scale=1.2)
+    fractions = (0.5, 0.75, 1.0)
+    rng = np.random.default_rng([3, 1])  # the subsets' generator, seeded [seed, 1]
+    x, y = [], []
+    for fraction in fractions:
+        n = round(fraction * 40)
+        chosen = rng.multivariate_hypergeometric(np.ones(40, np.int64), n) if fraction < 1 else np.ones(40, int)
+        rows = np.repeat(np.arange(40), chosen)  # aligned: the same prompts on both sides
+        x.append(40 / n)
+        y.append(direct_fid(real[rows], gen[rows]))
+    summary = bootstrap.fid_family(real, gen, n_resamples=0, seed=3, aligned=True, fractions=fractions)
+    assert summary["fid_inf"] == pytest.approx(np.polyfit(x, y, 1)[1], rel=1e-6)
+    assert summary["fid_inf_sizes"] == [20, 30, 40] and summary["fid_inf_seed"] == 3
+    assert summary["fid"] == pytest.approx(direct_fid(real, gen), rel=1e-6) and "fid_ci95" not in summary
+
+
+def test_fid_inf_removes_the_finite_sample_bias_that_fid_carries():
+    """Simulated Gaussian features whose FID∞ is known in closed form (bench/bench_coverage.py): over 30 studies
+    FID sits well above FID∞, FID∞'s estimate does not, and the bootstrap's bias estimate is FID's own."""
+    scenario = Scenario("correlated", d=8, n=150)
+    rng, fids, infs, bias = np.random.default_rng(0), [], [], []
+    for _ in range(30):
+        real, gens = scenario.draw(rng)
+        summary = bootstrap.fid_family(real, gens["a"], n_resamples=200 if len(bias) < 5 else 0, aligned=True)
+        fids.append(summary["fid"])
+        infs.append(summary["fid_inf"])
+        bias += [summary["fid_bias"]] if "fid_bias" in summary else []
+    true_bias = np.mean(fids) - scenario.fid_inf["a"]
+    assert true_bias > 0.3 * scenario.fid_inf["a"]
+    assert abs(np.mean(infs) - scenario.fid_inf["a"]) < 0.15 * true_bias
+    assert np.mean(bias) == pytest.approx(true_bias, rel=0.3)
+
+
+def test_the_paired_difference_holds_the_true_difference_and_is_narrower_than_the_unpaired_one():
+    """100 simulated studies of two runs and a reference over shared prompts (bench/bench_coverage.py); the true
+    E[FID_b − FID_a] from 1,000 fresh studies with scipy's FID."""
+    scenario = Scenario("correlated", d=8, n=60)
+    truth = scenario.truths(fresh=1000)["fid_diff"]
+    rng, held, widths = np.random.default_rng(3), 0, {True: [], False: []}
+    for _ in range(100):
+        real, gens = scenario.draw(rng)
+        for paired in (True, False):
+            _, (low, high) = bootstrap.fid_difference(real, gens["a"], real, gens["b"], 200, paired=paired,
+                                                      aligned=(paired, paired))
+            widths[paired].append(high - low)
+            held += paired and low <= truth <= high
+    assert held >= 90
+    assert np.mean(widths[True]) < 0.5 * np.mean(widths[False])
+
+
+# ------------------------------------------------------------------ p-values and Holm
+
+
+def test_p_value_counts_the_replicates_on_either_side_of_zero():
+    assert bootstrap.p_value([-1.0, 0.0, 1.0, 2.0, 3.0]) == pytest.approx((2 * 2 + 1) / 6)  # ≤ 0: 2, ≥ 0: 4
+    assert bootstrap.p_value(np.arange(1, 1000.0)) == pytest.approx(1 / 1000)  # the smallest p of 999 replicates
+    assert bootstrap.p_value([0.0] * 10) == 1.0 and bootstrap.p_value([]) is None
+    assert bootstrap.p_value([float("nan"), -2.0, -1.0]) == pytest.approx(1 / 3)
+
+
+def test_holm_rejects_what_the_adjusted_p_values_written_out_put_at_or_below_alpha():
+    """Holm's adjusted p of the j-th smallest: max over i ≤ j of (m − i + 1) p_(i)."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        p = list(rng.uniform(0, 0.03, size=8) ** rng.uniform(1, 3))
+        p[3] = None  # no test: not counted in m, never rejected
+        tests = sorted(v for v in p if v is not None)
+        m = len(tests)
+        adjusted = np.maximum.accumulate([(m - i) * v for i, v in enumerate(tests)])
+        expected = [v is not None and adjusted[tests.index(v)] <= 0.05 for v in p]
+        assert bootstrap.holm(p) == expected
+    assert bootstrap.holm([0.01, 0.04, 0.03]) == [True, False, False]  # 0.01 ≤ 0.05/3; 0.03 > 0.05/2 stops
+    assert bootstrap.holm([0.04, 0.01, 0.02]) == [True, True, True]  # 0.01 ≤ 0.05/3, 0.02 ≤ 0.05/2, 0.04 ≤ 0.05
+
+
+def test_holm_can_reject_only_with_enough_resamples():
+    for m in (1, 6, 18, 50):
+        b = bootstrap.holm_min_resamples(m)
+        assert 1 / (b + 1) <= 0.05 / m < 1 / b  # the smallest p at B reaches the first bound, at B − 1 it does not
+    assert bootstrap.holm_min_resamples(18) == 359

@@ -43,6 +43,21 @@ def test_eval_set_refuses_what_training_would_skip(folder):
         read_metadata(folder / "sub")
 
 
+def test_the_eval_set_refuses_a_row_outside_its_folder_naming_the_row(folder, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "real.png"
+    Image.new("RGB", (40, 30), "blue").save(outside)
+    eval_set = folder / "eval"
+    eval_set.mkdir()
+    Image.new("RGB", (40, 30), "red").save(eval_set / "ok.png")
+    for name in (f"../{outside.parent.name}/real.png", str(outside), "../ok.png"):
+        lines = [{"file_name": "ok.png", "text": "a red square"}, {"file_name": name, "text": "elsewhere"}]
+        (eval_set / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        with pytest.raises(UsageError, match=f"1 unusable line\\(s\\), e.g. line 2: '{name}' .*refused, not read"):
+            read_eval_set(eval_set / "metadata.jsonl")
+    records, _ = read_metadata(eval_set, require_text=False)  # the VAE's readers too (eval_vae, train_sc_vae)
+    assert [r["file_name"] for r in records] == ["ok.png"]
+
+
 def test_list_images_reads_the_metadata_or_every_file_and_names_the_folder_in_errors(folder, tmp_path_factory):
     # An imagefolder: its listed images (text optional), its skipped lines as problems.
     paths, problems = list_images(folder, "--data_dir X")

@@ -13,10 +13,11 @@ from skimage import data
 
 import eval_vae
 from errors import UsageError
-from bootstrap import FidBootstrap
+from bootstrap import FidBootstrap, fid_ci
 from generate_and_eval_fid import main as eval_fid_main
 from generate_and_eval_fid import parse_args as eval_fid_args
 from patch_fid import load_features
+from test_bootstrap import direct_kid
 from tiny_models import build_tiny_inception_state_dict, build_tiny_vae, save_tiny_metric_models
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
@@ -83,7 +84,13 @@ def test_eval_vae_writes_intervals_and_rfid_from_its_saved_features(photos, tmp_
     assert features["real"].shape == features["generated"].shape == (len(PHOTOS), 64)
     assert summary["rfid"] == pytest.approx(FidBootstrap(features["real"], features["generated"]).fid(), rel=1e-4)
     assert summary["rfid_ci95"][0] <= summary["rfid"] <= summary["rfid_ci95"][1]
+    # Each image drawn with its reconstruction (fid_ci's joint draw is checked against one written out in
+    # tests/test_bootstrap.py):
+    assert summary["rfid_ci95"] == pytest.approx(fid_ci(features["real"], features["generated"], 200, 0,
+                                                        aligned=True)[1], rel=1e-9)
     assert summary["bootstrap"] == 200 and "nmse_ci95" not in summary
+    with pytest.raises(UsageError, match="--bootstrap 20: give 0 \\(no intervals\\) or at least 200"):
+        eval_vae.main(eval_vae.parse_args([*argv[:-2], "--bootstrap", "20"]))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +122,7 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
     plain = eval_fid_main(eval_fid_args(eval_folder(tmp_path / "plain", "--bootstrap", "0")))
     both = eval_fid_main(eval_fid_args(eval_folder(
         tmp_path / "both", "--metrics", "fid,clip_score,aesthetics,glcm_score,compression_ratio,patch_fid",
-        "--patch_size", "48", "--patches_per_image", "3", "--bootstrap", "100")))
+        "--patch_size", "48", "--patches_per_image", "3", "--bootstrap", "200")))
     for key in ("fid", "clip_score", "aesthetics", "glcm_score", "compression_ratio", "num_images"):
         assert both[key] == plain[key]  # existing keys keep their values
         if key != "num_images":
@@ -129,14 +136,31 @@ def test_eval_fid_adds_intervals_patch_fid_and_features_keeping_its_values(eval_
     assert both["patch_fid"] == pytest.approx(FidBootstrap(features["patch_real"],
                                                            features["patch_generated"]).fid(), rel=1e-4)
     assert both["patch_fid_ci95"][0] <= both["patch_fid"] <= both["patch_fid_ci95"][1]
+    for prefix, real, gen in (("", "inception_real", "inception_generated"), ("patch_", "patch_real", "patch_generated")):
+        assert both[f"{prefix}kid"] == pytest.approx(direct_kid(features[real], features[gen]), rel=1e-9)
+        assert both[f"{prefix}kid"] == plain.get(f"{prefix}kid", both[f"{prefix}kid"])  # no resampling in the value
+        for key in ("kid_ci95", "fid_bias"):
+            assert isinstance(both[prefix + key], (float, list)), prefix + key
+    assert isinstance(both["fid_inf"], float) and both["fid_inf_ci95"][0] <= both["fid_inf"] <= both["fid_inf_ci95"][1]
+    assert both["fid_inf_sizes"] == [2, 2, 3, 3, 4, 4] and both["fid_inf_seed"] == 0
+    assert "patch_fid_inf" not in both  # not for patch-FID (PROTOCOL.md §6)
+    assert "kid" in plain and "fid_inf" in plain and "kid_ci95" not in plain and "fid_bias" not in plain
+    # Each prompt drawn with its real image, a crop with its image (the joint draw: tests/test_bootstrap.py):
+    groups = np.repeat(np.arange(4), 3)
+    assert both["fid_ci95"] == pytest.approx(fid_ci(features["inception_real"], features["inception_generated"], 200,
+                                                    0, aligned=True)[1], rel=1e-9)
+    assert both["patch_fid_ci95"] == pytest.approx(fid_ci(features["patch_real"], features["patch_generated"], 200, 0,
+                                                          real_groups=groups, gen_groups=groups, aligned=True)[1],
+                                                   rel=1e-9)
     assert "48x48" in json.loads((tmp_path / "both" / "metrics.json").read_text())["protocol"]["patch_fid"]
 
 
 def test_unknown_metric_is_a_usage_error(eval_folder, tmp_path):
     with pytest.raises(UsageError, match="--metrics 'fid,sharpness': choose from fid,"):
         eval_fid_main(eval_fid_args(eval_folder(tmp_path / "x", "--metrics", "fid,sharpness")))
-    with pytest.raises(UsageError, match="--bootstrap must be at least 0, got -1"):
-        eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", "-1")))
+    for bad in ("-1", "1", "199"):  # 0 (no intervals) or at least 200
+        with pytest.raises(UsageError, match=f"--bootstrap {bad}: give 0 \\(no intervals\\) or at least 200"):
+            eval_fid_main(eval_fid_args(eval_folder(tmp_path / "y", "--bootstrap", bad)))
 
 
 def test_patch_fid_defaults_are_ultrapixels_protocol():

@@ -394,6 +394,7 @@ def test_eval_py_refuses_bad_numbers_in_one_line_before_scoring(tmp_path, capsys
                 bootstrap_seed=0)
     for change, message in (({"jpeg_quality": 500}, "--jpeg_quality must be from 1 to 100"),
                             ({"bootstrap": -1}, "--bootstrap -1"),
+                            ({"bootstrap": 50}, "--bootstrap 50: give 0 (no intervals) or at least 200"),
                             ({"jpeg_quality": 0}, "--jpeg_quality must be from 1 to 100"),
                             ({"workers": 0}, "--workers must be at least 1"),
                             ({"patch_size": 0}, "--patch_size must be at least 1"),

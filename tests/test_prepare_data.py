@@ -380,3 +380,85 @@ def test_a_damaged_row_group_is_reported_row_by_row_and_the_rest_is_scored(tmp_p
     report = run(["verify", str(root), "--workers", "1", "--out_json", str(tmp_path / "v.json")])
     assert report["n_images"] == 3 and report["n_readable"] == 2
     assert report["corrupt"][0].startswith("train.parquet#2: row group 1 unreadable")
+
+
+# ------------------------------------------------------------------ paths that leave the folder, changed input
+
+
+@pytest.fixture
+def escaping_folder(tmp_path):
+    """An imagefolder whose metadata names, beside two good images, a real image outside it by ../ and one by an
+    absolute path."""
+    root, secret = tmp_path / "data", tmp_path / "secret"
+    (root / "sub").mkdir(parents=True)
+    secret.mkdir()
+    big = encode(np.random.default_rng(1).integers(0, 256, (160, 192, 3), dtype=np.uint8))
+    for path in (root / "ok.png", root / "sub" / "deep.png", secret / "x.png", secret / "y.png"):
+        path.write_bytes(big)
+    lines = [{"file_name": "ok.png", "text": "inside"}, {"file_name": "sub/../sub/deep.png", "text": "inside too"},
+             {"file_name": "../secret/x.png", "text": "outside"}, {"file_name": str(secret / "y.png"), "text": "abs"}]
+    (root / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return root
+
+
+def test_rows_leaving_the_dataset_folder_are_refused_counted_and_never_copied(escaping_folder, tmp_path):
+    report = run(["make_eval_set", str(escaping_folder), "--size", "2048", "--out", str(tmp_path / "eval"),
+                  "--workers", "1"])
+    assert report["n_refused_paths"] == 2 and report["n_images"] == 2
+    assert sum("../secret/x.png' leads outside" in p for p in report["problems"]) == 1
+    assert sum("y.png' is an absolute path" in p for p in report["problems"]) == 1
+    report = run(["filter", str(escaping_folder), "--out", str(tmp_path / "kept"), "--workers", "1"])
+    assert report["n_refused_paths"] == 2 and report["n_passed"] == 2
+    assert sorted(read_scores(tmp_path / "kept")) == ["ok.png", "sub/../sub/deep.png"]
+    verified = run(["verify", str(escaping_folder), "--workers", "1", "--out_json", str(tmp_path / "v.json")])
+    assert verified["n_refused_paths"] == 2 and verified["n_images"] == 2  # the two refused: neither read nor listed
+
+
+def test_a_filter_output_may_point_into_its_source_folder_and_nowhere_else(imagefolder, tmp_path):
+    out = tmp_path / "kept"
+    run(["filter", str(imagefolder), "--out", str(out), "--workers", "1", "--min_glcm", "3"])
+    records, problems = read_metadata(out)
+    assert len(records) == 3 and not any(problems.values())  # ../folder/noise.png: inside the source folder
+    (tmp_path / "elsewhere.png").write_bytes(pictures()["noise.png"])
+    with open(out / "metadata.jsonl", "a") as handle:  # a line edited to point beside the source folder
+        handle.write(json.dumps({"file_name": "../elsewhere.png", "text": "not from the source"}) + "\n")
+    records, problems = read_metadata(out)
+    assert len(records) == 3 and problems["metadata_lines"] == [
+        f"line 4: '../elsewhere.png' leads outside {imagefolder.resolve()}: refused, not read"]
+    items, _, read_problems = prepare_data.read_imagefolder(out)  # the filter output as prepare_data's input
+    assert len(items) == 3 and sum(p.endswith("refused, not read") for p in read_problems) == 1
+
+
+def test_a_rerun_on_changed_input_says_what_changed_and_overwrite_starts_afresh(imagefolder, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(["filter", str(imagefolder), "--out", str(out), "--workers", "1"])
+    (imagefolder / "new.png").write_bytes(pictures()["ramp.png"])
+    with open(imagefolder / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps({"file_name": "new.png", "text": "added later"}) + "\n")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        exit_on_usage_error("prepare_data.py", run, ["filter", str(imagefolder), "--out", str(out), "--workers", "1"])
+    message = capsys.readouterr().err
+    assert stop.value.code == 2 and len(message.strip().splitlines()) == 1
+    assert "changed since the work" in message and "1 file(s) added, e.g. new.png" in message
+    assert "--overwrite" in message
+    report = run(["filter", str(imagefolder), "--out", str(out), "--workers", "1", "--overwrite"])
+    assert "new.png" in read_scores(out) and report["n_scored"] == 7
+    (imagefolder / "flat.png").write_bytes(pictures()["noise.png"])  # the same name, other bytes
+    with pytest.raises(prepare_data.UsageError, match="1 file\\(s\\) changed, e.g. flat.png"):
+        run(["filter", str(imagefolder), "--out", str(out), "--workers", "1"])
+
+
+def test_overwrite_replaces_the_copied_eval_images(tmp_path):
+    root = tmp_path / "big"
+    root.mkdir()
+    pixels = [np.full((2100, 2100, 3), value, np.uint8) for value in (10, 200)]
+    (root / "a.png").write_bytes(encode(pixels[0]))
+    (root / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a"}) + "\n")
+    out = tmp_path / "eval"
+    run(["make_eval_set", str(root), "--size", "2048", "--out", str(out), "--workers", "1"])
+    (root / "a.png").write_bytes(encode(pixels[1]))
+    with pytest.raises(prepare_data.UsageError, match="--overwrite"):
+        run(["make_eval_set", str(root), "--size", "2048", "--out", str(out), "--workers", "1"])
+    run(["make_eval_set", str(root), "--size", "2048", "--out", str(out), "--workers", "1", "--overwrite"])
+    assert (out / "images" / "00000.png").read_bytes() == (root / "a.png").read_bytes()

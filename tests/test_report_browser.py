@@ -2,9 +2,11 @@
 table, and a click moves the zoom view of every column to the same point of the full-resolution originals."""
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 from urllib.parse import unquote
 
 import numpy as np
@@ -98,7 +100,7 @@ def report(tmp_path_factory):
     folders = make_folders(root)
     out = root / "cmp"
     comparison = compare.main(compare.parse_args(["--folders", *map(str, folders), "--labels", "a", "b", "c",
-                                                  "--out", str(out), "--bootstrap", "50", "--workers", "1"]))
+                                                  "--out", str(out), "--bootstrap", "200", "--workers", "1"]))
     return out, folders, comparison
 
 
@@ -112,6 +114,8 @@ def test_page_loads_without_errors_and_shows_every_image_and_the_table(report):
     assert result["summary_rows"] == 1 + 2  # header, glcm_score, compression_ratio
     assert result["pair_rows"] == 1 + len(comparison["pairs"])
     assert result["zoom_src_before"] == 0  # originals load only on a click
+    page = (out / "report.html").read_text()  # the header says how many tests were made and what the marks mean
+    assert f"{len(comparison['pairs'])} tests were made" in page and "Holm" in page and "<th>p</th>" in page
 
 
 def test_a_click_moves_the_zoom_to_the_same_point_of_every_full_resolution_original(report):
@@ -125,6 +129,25 @@ def test_a_click_moves_the_zoom_to_the_same_point_of_every_full_resolution_origi
         x, y = round(CLICK[0] * w), round(CLICK[1] * h)
         assert abs(zoom["x"] - x) <= 1 and abs(zoom["y"] - y) <= 1
         assert zoom["left"] == f"{zoom['half'] - zoom['x']:g}px" and zoom["top"] == f"{zoom['half'] - zoom['y']:g}px"
+
+
+def test_every_link_works_when_the_report_is_opened_through_a_symlinked_out(report, tmp_path):
+    """--out given as a symlink to a folder elsewhere: the page is opened by the link's path, so its links must be
+    relative to that path, not to the folder the link resolves to."""
+    _, folders, _ = report
+    elsewhere = tmp_path / "disk" / "deep" / "cmp"
+    elsewhere.mkdir(parents=True)
+    link = tmp_path / "link"
+    link.symlink_to(elsewhere, target_is_directory=True)
+    compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(link), "--bootstrap", "0",
+                                     "--workers", "1"]))
+    result, stderr = run_page(link / "report.html")
+    assert result["errors"] == [] and result["broken"] == [] and "Uncaught" not in stderr
+    w, h = SIZES[0]
+    for zoom, folder in zip(result["zoom"], folders):  # the originals loaded through the page's relative links
+        assert zoom["natural"] == [w, h]
+        lexical = os.path.normpath(link / unquote(zoom["src"]))  # how a browser joins a page's path and a link
+        assert Path(lexical).resolve() == (folder / "00000.png").resolve()
 
 
 def page_imgs(out, css_class):
@@ -176,7 +199,7 @@ def test_the_browser_draws_each_thumbnail_and_crop_at_one_to_one_from_its_sprite
 
 def test_sprite_cells_start_on_jpeg_blocks_whatever_the_thumbnail_size(report, tmp_path):
     _, folders, _ = report
-    compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(tmp_path), "--bootstrap", "10",
+    compare.main(compare.parse_args(["--folders", *map(str, folders), "--out", str(tmp_path), "--bootstrap", "0",
                                      "--workers", "1", "--thumb_size", "100"]))
     for sprite, (x, y, w, h) in page_imgs(tmp_path, "thumb"):
         assert x % 16 == 0 and y % 16 == 0 and max(w, h) == 100  # no 16² JPEG block holds two thumbnails
@@ -187,7 +210,7 @@ def test_a_new_report_removes_the_sprites_of_an_earlier_one(report, tmp_path):
     stale = tmp_path / "sprites" / "thumbs_00007.jpg"  # as a 160-prompt report would have left it
     stale.parent.mkdir()
     stale.write_bytes(b"old")
-    compare.main(compare.parse_args(["--folders", *map(str, folders[:2]), "--out", str(tmp_path), "--bootstrap", "10",
+    compare.main(compare.parse_args(["--folders", *map(str, folders[:2]), "--out", str(tmp_path), "--bootstrap", "0",
                                      "--workers", "1"]))
     assert sorted(p.name for p in stale.parent.iterdir()) == ["crops_00000.png", "thumbs_00000.jpg"]
 

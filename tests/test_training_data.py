@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 import torch
+from accelerate import PartialState
 from safetensors import safe_open
 from safetensors.torch import save_file
 from skimage import data as skdata
@@ -74,6 +75,34 @@ def test_rows_without_caption_and_a_cut_shard_are_reported_not_fatal(tiny_ckpts,
     assert len(records) == 4
     assert any("train-00001-of-00002.parquet: not a readable Parquet shard" in p for p in problems.metadata_lines)
     assert "data/extra.parquet#0: no caption" in problems.metadata_lines
+
+
+def test_rows_pointing_outside_the_dataset_folder_are_refused_and_counted(tmp_path):
+    """A metadata row whose image or shard is absolute or leaves the folder by ../ is skipped and counted, never read;
+    a filtered set's rows may point into the source folder its settings.json names, and nowhere else."""
+    PartialState(cpu=True)  # the trainers' logger, which reports the skipped lines
+    hub, data_dir = make_parquet(tmp_path / "hub"), tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "ok.png").write_bytes(png(skdata.camera()))
+    (tmp_path / "secret.png").write_bytes(png(skdata.coffee()))
+    shard = hub / "data" / "train-00000-of-00001.parquet"
+    lines = [{"file_name": "ok.png", "text": "inside"}, {"file_name": "../secret.png", "text": "outside"},
+             {"file_name": str(tmp_path / "secret.png"), "text": "absolute"},
+             {"parquet_file": str(shard), "row": 0, "text": "an absolute shard"},
+             {"parquet_file": "../hub/data/train-00000-of-00001.parquet", "row": 1, "text": "a shard outside"}]
+    (data_dir / "metadata.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records, problems = training.read_training_data(data_dir)
+    assert [r["file_name"] for r in records] == ["ok.png"]
+    assert [p.split(":")[0] for p in problems.metadata_lines] == ["line 2", "line 3", "line 4", "line 5"]
+    assert all(p.endswith("refused, not read") for p in problems.metadata_lines)
+    kept = tmp_path / "kept"  # a filtered set of the shard: its rows point into hub/, which its settings.json names
+    prepare_data.main(prepare_data.parse_args(["filter", str(hub), "--out", str(kept), "--workers", "1"]))
+    assert len(training.read_training_data(kept)[0]) == 4
+    with open(kept / "metadata.jsonl", "a") as handle:
+        handle.write(json.dumps({"parquet_file": "../data/../hub/../data/ok.png", "row": 0, "text": "x"}) + "\n")
+    records, problems = training.read_training_data(kept)
+    assert len(records) == 4 and problems.metadata_lines == [
+        f"line 5: '../data/../hub/../data/ok.png' leads outside {hub.resolve()}: refused, not read"]
 
 
 # ------------------------------------------------------------------ aspect-ratio buckets
