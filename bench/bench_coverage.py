@@ -17,7 +17,7 @@ import numpy as np
 import scipy.linalg
 
 import bootstrap
-from errors import exit_on_usage_error
+from errors import HelpFormatter, exit_on_usage_error
 
 SCENARIOS = {  # name: (d, n, what it shows)
     "correlated": (16, 100, "prompt-correlated features, more images than features"),
@@ -176,7 +176,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--studies", type=int, default=200, help="simulated studies per scenario")
     parser.add_argument("--bootstrap", type=int, default=200, help="resamples per interval")
     parser.add_argument("--fresh", type=int, default=4000, help="independent studies that give the expected values")

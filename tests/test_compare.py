@@ -391,7 +391,7 @@ def test_usage_errors(folders, tmp_path):
 
 def test_the_report_says_when_an_image_is_smaller_than_the_crop_and_how_large_a_difference_is(folders, tmp_path):
     argv = ["--folders", str(folders["base"]), str(folders["blurred"]), "--out", str(tmp_path / "big"),
-            "--bootstrap", "50", "--workers", "1", "--crop_size", "200"]
+            "--bootstrap", "200", "--workers", "1", "--crop_size", "200"]
     comparison = compare.main(compare.parse_args(argv))
     page = (tmp_path / "big" / "report.html").read_text()
     assert page.count("the image is smaller than the 200² crop: both crops show all of it") == 2 * N  # 128² images
