@@ -23,9 +23,9 @@ import report
 from bootstrap import (add_bootstrap_flags, fid_ci, fid_difference, json_interval, mean_ci, paired_difference,
                        ratio_ci)
 from errors import UsageError, exit_on_usage_error
+from imagefolder import IMAGE_SUFFIXES, list_folder_images
 from patch_fid import FEATURES_FILE, load_features
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MEAN_METRICS = ("glcm_score", "clip_score", "aesthetics")  # mean over images
 FID_METRICS = {"fid": ("inception_real", "inception_generated"), "patch_fid": ("patch_real", "patch_generated")}
 CSV_COLUMNS = ("kind", "a", "b", "metric", "value", "ci95_low", "ci95_high", "n", "significant")
@@ -34,12 +34,6 @@ CSV_COLUMNS = ("kind", "a", "b", "metric", "value", "ci95_low", "ci95_high", "n"
 #################################################################################
 #                               Reading a folder                                #
 #################################################################################
-
-def list_folder_images(folder):
-    """{file name: path} of the images directly in `folder` (hidden files and other files left out)."""
-    return {p.name: p for p in sorted(Path(folder).iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
-
 
 def read_csv(path):
     """Rows of a CSV as dicts of strings."""
