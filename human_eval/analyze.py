@@ -2,6 +2,7 @@
 preference.png and, for patch studies, patches.csv and correlation.png (PROTOCOL.md §12 defines every number)."""
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
@@ -102,7 +103,7 @@ def people_pairwise(rows, labels, questions, n_resamples, seed):
     return out
 
 
-def judge_verdicts(rows, labels):
+def judge_verdicts(rows):
     """{question: {item: (verdict of order 1, verdict of order 2)}} of one judge, each a label or None (missing)."""
     out = defaultdict(lambda: defaultdict(lambda: [None, None]))
     for r in rows:
@@ -110,18 +111,18 @@ def judge_verdicts(rows, labels):
     return out
 
 
-def combined(orders, labels):
+def combined(orders):
     """A judge's verdict on a pair from its two orders: the label both chose, or "tie" when they disagree."""
     return orders[0] if orders[0] == orders[1] else "tie"
 
 
-def judge_pairwise(rows, labels, items, n_resamples, seed):
+def judge_pairwise(rows, labels, questions, n_pairs, n_resamples, seed):
     """A judge's win rates ({question: win_rate + order_agreement, first_position_rate, n_missing}) over the pairs,
     each pair's verdict combined from its two orders (disagreement: a tie); and {question: {item: verdict}}."""
-    out, verdicts = {}, {}
-    for question, per_item in judge_verdicts(rows, labels).items():
+    out, verdicts, found = {}, {}, judge_verdicts(rows)
+    for question, per_item in [(q, found[q]) for q in questions if q in found]:
         complete = {item: o for item, o in per_item.items() if None not in o}
-        verdicts[question] = {item: combined(o, labels) for item, o in complete.items()}
+        verdicts[question] = {item: combined(o) for item, o in complete.items()}
         ids = sorted(complete)
         votes = np.array([[{labels[0]: 1.0, labels[1]: 0.0}.get(verdicts[question][i], 0.5)] for i in ids])
         entry = stats.win_rate(votes.reshape(-1, 1), np.ones((len(ids), 1)), labels, n_resamples, seed)
@@ -130,7 +131,7 @@ def judge_pairwise(rows, labels, items, n_resamples, seed):
                                       if complete else None),
                      first_position_rate=(sum(r["answer"] == "left" for r in answered) / len(answered)
                                           if answered else None),
-                     n_missing=len(items) - len(complete))
+                     n_missing=n_pairs - len(complete))
         out[question] = entry
     return out, verdicts
 
@@ -151,19 +152,19 @@ def analyze_pairwise(rows, meta, n_resamples, seed):
     gold = gold_report(people, meta)
     included = [r for r in people if not r["gold"] and r["rater"] not in gold["excluded"]]
     found = people_pairwise(included, labels, meta["questions"], n_resamples, seed)
-    results = {"pairwise": found["pairwise"], "judge": {}, "position_bias": {"people": found["position_bias"]},
+    results = {"pairwise": found["pairwise"], "judge": {},
+               "position_bias": {"people": found["position_bias"], "judges": {}},
                "agreement": {"krippendorff_alpha": found["krippendorff_alpha"], "split_half": found["split_half"],
                              "repeat_consistency": found["repeat_consistency"]},
                "gold": gold, "human_judge": {}}
     majority = human_majority([r for r in included if not r["repeat_of"]], labels)
-    items = sorted({r["item"] for r in rows if not r["gold"]})
     for judge in sorted({r["rater"] for r in rows if is_judge(r["rater"])}):
         name = judge[len(store.JUDGE_PREFIX):]
         mine = [r for r in rows if r["rater"] == judge]
-        results["judge"][name], verdicts = judge_pairwise([r for r in mine if not r["gold"]], labels, items,
-                                                          n_resamples, seed)
-        results["position_bias"][judge] = {q: {"first_position_rate": v["first_position_rate"]}
-                                           for q, v in results["judge"][name].items()}
+        results["judge"][name], verdicts = judge_pairwise([r for r in mine if not r["gold"]], labels,
+                                                          meta["questions"], meta["n_items"], n_resamples, seed)
+        results["position_bias"]["judges"][name] = {q: {"first_position_rate": v["first_position_rate"]}
+                                                    for q, v in results["judge"][name].items()}
         results["gold"].setdefault("judges", {})[name] = judge_gold(mine, meta)
         results["human_judge"][name] = {}
         for question, theirs in verdicts.items():
@@ -172,8 +173,8 @@ def analyze_pairwise(rows, meta, n_resamples, seed):
                 "n": len(both), "kappa": stats.cohen_kappa([majority[question][i] for i in both],
                                                            [theirs[i] for i in both]),
                 "agreement": (sum(majority[question][i] == theirs[i] for i in both) / len(both)) if both else None}
-    results["study"] = {"kind": "pairwise", "labels": labels, "questions": meta["questions"], "n_items": len(items),
-                        "n_gold": meta.get("n_gold", 0),
+    results["study"] = {"kind": "pairwise", "labels": labels, "questions": meta["questions"],
+                        "n_items": meta["n_items"], "n_gold": meta.get("n_gold", 0),
                         "raters": sorted({r["rater"] for r in people}),
                         "raters_included": sorted({r["rater"] for r in included})}
     return results
@@ -186,6 +187,8 @@ def analyze_pairwise(rows, meta, n_resamples, seed):
 def read_metric_csv(path, names):
     """{metric: {patch file name: value}} of a CSV with a `patch` column (the patch's file name) and one column per
     metric; UsageError naming the file when it does not fit."""
+    if not Path(path).is_file():
+        raise UsageError(f"--metric_csv {path}: no such file")
     rows = outputs.read_csv_rows(path)
     if not rows or "patch" not in rows[0]:
         raise UsageError(f"--metric_csv {path}: needs a header with a 'patch' column (the patch file names of "

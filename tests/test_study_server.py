@@ -204,6 +204,15 @@ def test_the_page_is_served_with_a_policy_that_allows_only_its_own_script(pairwi
 #                       Committed before acknowledged                          #
 #################################################################################
 
+def test_the_database_is_in_wal_mode_and_every_connection_commits_with_synchronous_full(pairwise):
+    study, _ = pairwise
+    conn = store.connect(study)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: a commit is on disk when it returns
+    raw = sqlite3.connect(study / store.DB_NAME)  # WAL is the file's own mode, for any program that opens it
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def deny_commit(action, arg1, arg2, database, trigger):
     """A SQLite authorizer that refuses COMMIT: a commit that fails after the answers were written (as a full disk
     or an I/O error would)."""
