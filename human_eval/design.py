@@ -4,6 +4,7 @@ and repeats, all seeded (PROTOCOL.md §12)."""
 import hashlib
 import io
 import os
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -152,9 +153,10 @@ def create_pairwise(out, folders, labels, questions, prompts_file=None, gold=0.0
         if questions == ["prompt_adherence"]:
             raise UsageError("--questions prompt_adherence needs prompts: a per_image.csv in the folders or --prompts")
         questions = [q for q in questions if q != "prompt_adherence"]
-        print("no prompts (no per_image.csv, no --prompts): the prompt_adherence question is left out")
+        print("no prompts (no per_image.csv, no --prompts): the prompt_adherence question is left out",
+              file=sys.stderr)
     if unpaired:
-        print(f"{len(unpaired)} image(s) in one folder only, left out (e.g. {unpaired[0]})")
+        print(f"{len(unpaired)} image(s) in one folder only, left out (e.g. {unpaired[0]})", file=sys.stderr)
     rng = np.random.default_rng(seed)
     n_gold = round(gold * len(names))
     gold_picks = [(names[i], int(rng.integers(2))) for i in sorted(rng.choice(len(names), n_gold, replace=False))]
