@@ -27,9 +27,9 @@ from bootstrap import (ALPHA, FID_INF_FRACTIONS, add_bootstrap_flags, check_boot
                        holm_min_resamples, json_interval, mean_ci, p_value, paired_replicates, percentile_interval,
                        ratio_ci)
 from errors import HelpFormatter, UsageError, exit_on_usage_error
+from imagefolder import IMAGE_SUFFIXES, list_folder_images
 from patch_fid import FEATURES_FILE, load_features
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MEAN_METRICS = ("glcm_score", "clip_score", "aesthetics")  # mean over images
 MODEL_METRICS = ("clip_score", "aesthetics")  # need the metric models: read from per_image.csv, never measured here
 FID_METRICS = {"fid": ("inception_real", "inception_generated"), "patch_fid": ("patch_real", "patch_generated")}
@@ -45,12 +45,6 @@ AUTHORS_DETAIL = {**MEASURED_HERE, "cr_mode": "file", "detail_images": "their q9
 #################################################################################
 #                               Reading a folder                                #
 #################################################################################
-
-def list_folder_images(folder):
-    """{file name: path} of the images directly in `folder` (hidden files and other files left out)."""
-    return {p.name: p for p in sorted(Path(folder).iterdir())
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
-
 
 def read_csv(path):
     """Rows of a CSV as dicts of strings."""

@@ -150,6 +150,13 @@ def find_images(data_dir, label, suffixes=None):
     return paths, found
 
 
+def list_folder_images(folder):
+    """{file name: path} of the images directly in `folder` (hidden files and other files left out): how compare.py
+    and study.py pair the images of runs made from the same prompts, by file name."""
+    return {p.name: p for p in sorted(Path(folder).iterdir())
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")}
+
+
 def list_images(data_dir, label, suffixes=None):
     """(paths, problems): find_images with the skipped lines in one list."""
     paths, found = find_images(data_dir, label, suffixes)
