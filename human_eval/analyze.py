@@ -271,9 +271,14 @@ def flat_rows(results):
 
     for question, v in results.get("pairwise", {}).items():
         add("pairwise", "people", question, "win_rate_a", v["win_rate_a"], v["win_rate_a_ci95"], v["n"])
+        add("pairwise", "people", question, "win_rate_a_without_ties", v["win_rate_a_without_ties"],
+            v["win_rate_a_without_ties_ci95"], v["wins_a"] + v["wins_b"])
     for name, per_question in results.get("judge", {}).items():
         for question, v in per_question.items():
             add("judge", name, question, "win_rate_a", v["win_rate_a"], v["win_rate_a_ci95"], v["n"])
+            add("judge", name, question, "win_rate_a_without_ties", v["win_rate_a_without_ties"],
+                v["win_rate_a_without_ties_ci95"], v["wins_a"] + v["wins_b"])
+            add("judge", name, question, "tie_rate", v["tie_rate"], n=v["n"])
             add("judge", name, question, "order_agreement", v["order_agreement"], n=v["n"])
             add("judge", name, question, "first_position_rate", v["first_position_rate"])
     for question, v in results.get("position_bias", {}).get("people", {}).items():

@@ -43,14 +43,18 @@ def excludes(ci, value):
 
 def win_rate(votes, present, labels, n_resamples, seed):
     """Fig. 6's statistic for items × raters votes (1: a won, 0: b won, 0.5: a tie): counts, win_rate_a =
-    (wins_a + ties / 2) / n, its interval (prompts and raters resampled) and whether the interval excludes 0.5."""
+    (wins_a + ties / 2) / n, its interval (prompts and raters resampled) and whether the interval excludes 0.5; beside
+    it the other definition in use, ties left out (wins_a / (wins_a + wins_b), with its interval), and the tie rate."""
     votes, present = np.asarray(votes, float), np.asarray(present, float)
     answered = votes[present > 0]
     n, wins_a, wins_b = len(answered), int((answered == 1).sum()), int((answered == 0).sum())
     ci = interval(votes, present, n_resamples, seed)
+    decided = n - (n - wins_a - wins_b)
     return {"a": labels[0], "b": labels[1], "n": n, "wins_a": wins_a, "wins_b": wins_b, "ties": n - wins_a - wins_b,
             "win_rate_a": (wins_a + (n - wins_a - wins_b) / 2) / n if n else None, "win_rate_a_ci95": ci,
-            "significant": excludes(ci, 0.5)}
+            "significant": excludes(ci, 0.5), "tie_rate": (n - wins_a - wins_b) / n if n else None,
+            "win_rate_a_without_ties": wins_a / decided if decided else None,
+            "win_rate_a_without_ties_ci95": interval(votes, present * (votes != 0.5), n_resamples, seed)}
 
 
 def left_rate(left, present, n_resamples, seed):

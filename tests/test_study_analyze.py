@@ -124,6 +124,13 @@ def test_results_csv_holds_the_json_numbers_and_the_plot_marks_each_win_rate(pai
     for question, found in results["pairwise"].items():
         assert float(people[question]["value"]) == pytest.approx(found["win_rate_a"])
         assert float(people[question]["ci95_low"]) == pytest.approx(found["win_rate_a_ci95"][0])
+    judged = {(r["who"], r["question"], r["statistic"]): r for r in table if r["section"] == "judge"}
+    for name, per_question in results["judge"].items():
+        for question, found in per_question.items():
+            without = judged[(name, question, "win_rate_a_without_ties")]
+            assert without["value"] == ("" if found["win_rate_a_without_ties"] is None else
+                                        str(found["win_rate_a_without_ties"]))
+            assert float(judged[(name, question, "tie_rate")]["value"]) == found["ties"] / found["n"]
     image = np.asarray(Image.open(out / "preference.png").convert("RGB"))
     dots = plots.preference_plot(results, out / "again.png")
     assert np.array_equal(np.asarray(Image.open(out / "again.png").convert("RGB")), image)

@@ -147,6 +147,20 @@ def test_win_rate_counts_ties_as_half_and_a_degenerate_interval_holds_its_value(
     found = stats.win_rate(votes, present, ["a", "b"], 0, 0)
     assert (found["n"], found["wins_a"], found["wins_b"], found["ties"]) == (5, 3, 1, 1)
     assert found["win_rate_a"] == pytest.approx(3.5 / 5) and found["significant"] is None
+    assert found["win_rate_a_without_ties"] == pytest.approx(3 / 4) and found["tie_rate"] == pytest.approx(1 / 5)
+
+
+def test_the_win_rate_without_ties_has_the_interval_of_the_decided_answers_alone():
+    """A judge-like column (one rater): 20 ties, 15 wins of a, 5 of b. Reference: the percentile bootstrap of
+    wins_a / (wins_a + wins_b) over the prompts, written out with numpy."""
+    votes = np.array([0.5] * 20 + [1.0] * 15 + [0.0] * 5).reshape(-1, 1)
+    found = stats.win_rate(votes, np.ones_like(votes), ["a", "b"], 4000, 0)
+    assert (found["win_rate_a"], found["win_rate_a_without_ties"], found["tie_rate"]) == (0.625, 0.75, 0.5)
+    draws = votes[np.random.default_rng(1).integers(0, 40, (4000, 40)), 0]
+    rates = (draws == 1).sum(1) / (draws != 0.5).sum(1)
+    assert np.allclose(found["win_rate_a_without_ties_ci95"], np.percentile(rates, [2.5, 97.5]), atol=0.03)
+    assert np.allclose(found["win_rate_a_ci95"], np.percentile(np.where(draws == 0.5, 0.5, draws).mean(1), [2.5, 97.5]),
+                       atol=0.03)
     assert stats.excludes([0.5, 0.5], 0.5) is False and stats.excludes([1.0, 1.0], 0.5) is True
     assert stats.excludes([0.51, 0.7], 0.5) is True and stats.excludes([0.3, 0.5], 0.5) is False
 
