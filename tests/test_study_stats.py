@@ -74,15 +74,30 @@ def test_split_half_reliability_matches_spearman_brown_theory():
 #                                 Correlations                                  #
 #################################################################################
 
-def test_srcc_plcc_and_their_p_values_equal_scipys_with_ties():
+def test_srcc_and_plcc_are_scipys_and_undefined_below_three_pairs_or_on_constant_input():
     rng = np.random.default_rng(3)
     x = np.round(rng.normal(size=60), 1)  # ties
     y = x + rng.normal(size=60)
-    assert stats.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic, abs=1e-12)
-    assert stats.pearson(x, y) == pytest.approx(scipy_stats.pearsonr(x, y).statistic, abs=1e-12)
-    assert stats.p_value(stats.spearman(x, y), 60) == pytest.approx(scipy_stats.spearmanr(x, y).pvalue, rel=1e-9)
-    assert stats.p_value(stats.pearson(x, y), 60) == pytest.approx(scipy_stats.pearsonr(x, y).pvalue, rel=1e-6)
-    assert np.array_equal(stats.ranks(x), scipy_stats.rankdata(x))
+    srcc, plcc = stats.correlation("srcc", x, y), stats.correlation("plcc", x, y)
+    assert srcc == pytest.approx(tuple(scipy_stats.spearmanr(x, y)), rel=1e-12)
+    assert plcc == pytest.approx(tuple(scipy_stats.pearsonr(x, y)), rel=1e-12)
+    assert srcc[0] != pytest.approx(plcc[0], abs=1e-3)  # the two kinds differ on these data
+    for kind, found in (("srcc", srcc), ("plcc", plcc)):  # the bootstrap's way: the same r, no p-value
+        assert stats.correlation(kind, x, y, with_p_value=False) == (pytest.approx(found[0], abs=1e-12), None)
+    assert stats.correlation("srcc", x[:2], y[:2]) == (None, None)
+    assert stats.correlation("plcc", np.ones(10), y[:10]) == (None, None)
+
+
+def test_each_correlation_interval_is_bootstrapped_with_its_own_kind():
+    """A monotone but far from linear metric: SRCC near 1, PLCC well below; each interval holds its own estimate."""
+    rng = np.random.default_rng(4)
+    score = rng.normal(size=60)
+    z = score[:, None] + rng.normal(0, 0.1, (60, 3))
+    found = stats.correlations(z, np.ones((60, 3)), {"m": np.exp(3 * score)}, 300, 0)["m"]
+    assert found["srcc"] - found["plcc"] > 0.2
+    for kind, other in (("srcc", "plcc"), ("plcc", "srcc")):
+        low, high = found[f"{kind}_ci95"]
+        assert low <= found[kind] <= high and not low <= found[other] <= high, (kind, found)
 
 
 def test_z_scores_are_per_rater_and_leave_out_a_rater_without_spread():
