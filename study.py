@@ -174,8 +174,8 @@ def parse_args(argv=None):
                                                                    "the endpoint's); a retry is at 0")
     p.add_argument("--max_tokens", type=int, default=1024, help="longest answer")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds before a request counts as timed out")
-    p.add_argument("--retries", type=int, default=5, help="retries after a timeout, 429 or 5xx, with backoff")
-    p.add_argument("--backoff", type=float, default=2.0, help="seconds before the first retry, doubled each time")
+    p.add_argument("--retries", type=int, default=5, help="retries after a timeout, 429 or 5xx, by the openai client: "
+                                                          "after the server's Retry-After, else 0.5 s doubling to 8 s")
     p.add_argument("--workers", type=int, default=4, help="requests in flight at once")
 
     p = new("export", "write every answer as CSV, one row per answer to one question")

@@ -6,7 +6,6 @@ import io
 import os
 import re
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
@@ -39,7 +38,7 @@ IN_ORDER = ("aesthetics", "prompt_adherence", "fine_details")  # the items 1, 2,
 HEADING = re.compile(r"(?:\b[1-3]\s*[.):]\s*|^[\s>#*_-]*)[*_]*\s*(visual aesthetics|prompt adherence|fine details)"
                      r"\s*[*_]*\s*:", re.I | re.M)
 VERDICT = re.compile(r"\b(first|second)\s+image\s+is\s+better\b", re.I)
-RETRIED = (openai.APITimeoutError, openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+RETRIED = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)  # timeouts included
 
 
 class JudgeError(RuntimeError):
@@ -122,37 +121,25 @@ def parse_verdicts(text, questions):
     return verdicts, "; ".join(problems) or None
 
 
-def retry_after(error):
-    """Seconds a 429's Retry-After header asks for (at most 60), or None."""
-    response = getattr(error, "response", None)
-    try:
-        return min(60.0, float(response.headers.get("retry-after"))) if response is not None else None
-    except (TypeError, ValueError):
-        return None
-
-
-def complete(client, messages, settings, temperature, sleep=time.sleep):
-    """The text of one chat completion. Timeouts, connection failures, 429 and 5xx are retried `retries` times with
-    exponential backoff; JudgeError when no usable text comes back; UsageError when the key or the model is refused."""
+def complete(client, messages, settings, temperature):
+    """The text of one chat completion. Timeouts, connection failures, 429 and 5xx are retried by the openai client
+    (`max_retries`: its exponential backoff, or the server's Retry-After); JudgeError when no usable text comes back;
+    UsageError when the key or the model is refused."""
     options = {"max_tokens": settings["max_tokens"]}
     if temperature is not None:
         options["temperature"] = temperature
-    for attempt in range(settings["retries"] + 1):
-        try:
-            response = client.chat.completions.create(model=settings["model"], messages=messages, **options)
-            break
-        except RETRIED as error:
-            if attempt == settings["retries"]:
-                raise JudgeError(f"{type(error).__name__} after {attempt + 1} tries: {error}") from None
-            sleep(retry_after(error) or settings["backoff"] * 2 ** attempt)
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
-            raise UsageError(f"--base_url {settings['base_url']} refused the key ({error.status_code}); set "
-                             f"${settings['api_key_env']} (--api_key_env)") from None
-        except openai.NotFoundError:
-            raise UsageError(f"--base_url {settings['base_url']} / --model {settings['model']}: not found (404); "
-                             f"check both") from None
-        except (openai.APIError, ValueError) as error:  # another 4xx, or a body the client could not read as JSON
-            raise JudgeError(f"{type(error).__name__}: {error}") from None
+    try:
+        response = client.chat.completions.create(model=settings["model"], messages=messages, **options)
+    except RETRIED as error:
+        raise JudgeError(f"{type(error).__name__} after {settings['retries'] + 1} tries: {error}") from None
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as error:
+        raise UsageError(f"--base_url {settings['base_url']} refused the key ({error.status_code}); set "
+                         f"${settings['api_key_env']} (--api_key_env)") from None
+    except openai.NotFoundError:
+        raise UsageError(f"--base_url {settings['base_url']} / --model {settings['model']}: not found (404); "
+                         f"check both") from None
+    except (openai.APIError, ValueError) as error:  # another 4xx, or a body the client could not read as JSON
+        raise JudgeError(f"{type(error).__name__}: {error}") from None
     choices = getattr(response, "choices", None)
     if not choices or getattr(choices[0], "message", None) is None:
         raise JudgeError(f"a response without a message: {str(response)[:300]}")
@@ -214,11 +201,12 @@ def run(args):
     key = os.environ.get(args.api_key_env)
     if not key:
         print(f"${args.api_key_env} is not set: sending no key (local servers need none)", file=sys.stderr)
-    client = openai.OpenAI(base_url=args.base_url, api_key=key or "none", timeout=args.timeout, max_retries=0)
+    client = openai.OpenAI(base_url=args.base_url, api_key=key or "none", timeout=args.timeout,
+                           max_retries=args.retries)
     settings = {"model": args.model, "base_url": args.base_url, "api_key_env": args.api_key_env,
                 "questions": meta["questions"], "prompt_variant": args.prompt_variant, "max_side": args.max_side,
                 "crops": args.crops, "crop_size": args.crop_size, "temperature": args.temperature,
-                "max_tokens": args.max_tokens, "retries": args.retries, "backoff": args.backoff}
+                "max_tokens": args.max_tokens, "retries": args.retries}
     tasks = open_tasks(conn, args.study, assign.judge_tasks(conn, args.model), settings)
     answered = failed = 0
     with ThreadPoolExecutor(args.workers) as pool:

@@ -114,8 +114,8 @@ def first_judge(request, n):
 
 
 def run_judge(study_dir, url, *flags, model="fake-vlm"):
-    args = study.parse_args(["judge", str(study_dir), "--base_url", url, "--model", model, "--backoff", "0.01",
-                             "--timeout", "2", *flags])
+    args = study.parse_args(["judge", str(study_dir), "--base_url", url, "--model", model, "--timeout", "2",
+                             *flags])
     return study.main(args)
 
 
@@ -248,8 +248,9 @@ def test_crops_are_native_pixels_at_the_same_place_in_both_images(pairwise):
 #################################################################################
 
 def test_timeouts_429_and_500_are_retried_with_backoff_then_answered(pairwise):
-    faults = {1: (429, {"error": {"message": "slow down"}}, 0, {"Retry-After": "0"}),
-              2: (500, {"error": {"message": "oops"}}, 0, {}), 3: (503, b"<html>busy</html>", 0, {}),
+    soon = {"retry-after-ms": "10"}  # the openai client waits what the server asks (else 0.5 s, doubling)
+    faults = {1: (429, {"error": {"message": "slow down"}}, 0, soon), 2: (500, {"error": {"message": "oops"}}, 0, soon),
+              3: (503, b"<html>busy</html>", 0, soon),
               4: (200, completion(answer_text(True)), 3.0, {})}  # 3 s: past the 2 s timeout
 
     def behave(request, n):
@@ -289,7 +290,7 @@ def test_refusals_and_malformed_answers_are_asked_again_at_temperature_0_then_st
 def test_retries_run_out_into_a_stored_error_and_a_rerun_asks_only_what_is_missing(pairwise):
     def behave(request, n):  # the first pair's first order fails every time on the first run
         text = request["messages"][1]["content"][0]["text"]
-        return (500, {"error": {"message": "down"}}, 0, {}) if "astronaut" in text or "<img" in text else \
+        return (500, {"error": {"message": "down"}}, 0, {"retry-after-ms": "10"}) if "astronaut" in text or "<img" in text else \
             sharp_judge(request, n)
 
     with FakeJudge(behave) as fake:
